@@ -1,0 +1,5 @@
+"""``python -m pdp`` runs the CLI."""
+
+from pdp.cli import main
+
+main()

@@ -1,0 +1,278 @@
+"""The ``pdp`` command line (typer): parse, load settings, call; PdpError -> message, exit 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pdp.client import Client, new_job_id
+from pdp.config import default_key_file, load_config, load_key, write_key
+from pdp.errors import PdpError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="pdp — Party Distributed Processing: bring your own bits.")
+party_app = typer.Typer(no_args_is_help=True, help="Create and manage a party.")
+app.add_typer(party_app, name="party")
+err = Console(stderr=True)
+T = TypeVar("T")
+
+NODE_HELP = "HOST:PORT of any member (default: $PDP_NODE, else 127.0.0.1:7700)"
+KEY_HELP = "the party secret (default: $PDP_KEY_FILE, else the per-user config dir)"
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except PdpError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _node_addr(node: Optional[str]) -> str:
+    return node or os.environ.get("PDP_NODE") or "127.0.0.1:7700"
+
+
+def _key(key_file: Optional[Path]) -> bytes:
+    try:
+        return load_key(key_file or default_key_file())
+    except PdpError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def node(
+    name: Optional[str] = typer.Option(None, help="node id (default: host name)"),
+    listen: Optional[str] = typer.Option(None, help="data-plane bind address HOST:PORT (default 0.0.0.0:7700)"),
+    advertise: Optional[str] = typer.Option(None, help="the HOST:PORT others dial (default: the listen address)"),
+    raft_port: Optional[int] = typer.Option(None, help="Raft port (default: data port + 1)"),
+    peer: list[str] = typer.Option([], help="data-plane HOST:PORT of another core member (repeatable)"),
+    data_dir: Optional[Path] = typer.Option(None, help="Raft journal and dump, spool (default: per-user data dir)"),
+    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    config: Optional[Path] = typer.Option(None, help="TOML settings file; flags override it"),
+    cpus: Optional[int] = typer.Option(None, help="task slots this node gives (default: all cores)"),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="log debug detail"),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="log warnings and errors only"),
+) -> None:
+    """Run a party member (the same process on every machine)."""
+    from pdp.node import run_node
+
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("pysyncobj").setLevel(logging.WARNING)
+    overrides = {"name": name, "listen": listen, "advertise": advertise, "raft_port": raft_port,
+                 "peers": tuple(peer), "data_dir": data_dir, "key_file": key_file, "cpus": cpus}
+    try:
+        cfg = load_config(config, overrides)
+        run_node(cfg)
+    except PdpError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@party_app.command("init")
+def party_init(
+    dir: Optional[Path] = typer.Option(None, "--dir", help="where to write party.key and pdp.toml"),
+    force: bool = typer.Option(False, help="replace an existing party secret"),
+) -> None:
+    """Write a new random party secret (mode 0600) and a config template."""
+    key_path = (dir / "party.key") if dir else default_key_file()
+    try:
+        write_key(key_path, force=force)
+    except PdpError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    conf_path = key_path.parent / "pdp.toml"
+    if not conf_path.exists():
+        conf_path.write_text(_TEMPLATE.format(key=key_path))
+    print(f"party secret: {key_path} (copy it, mode 0600, to every member)")
+    print(f"config:       {conf_path}")
+
+
+@app.command()
+def submit(
+    job: str = typer.Argument(..., help="job kind, e.g. wordcount"),
+    inputs: list[Path] = typer.Argument(..., help="input files on this machine"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="where to write the result (default <job-id>.tsv)"),
+    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    comment: str = typer.Option("", help="free text kept with the job"),
+    data_type: str = typer.Option("text/utf-8", help="the inputs' data type"),
+    detach: bool = typer.Option(False, help="print the job id and return without waiting"),
+    as_json: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
+    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+) -> None:
+    """Submit a job with its input files; wait for it and write the result."""
+    job_id = new_job_id(job)
+    out = output or Path(f"{job_id}.tsv")
+    if not detach and not out.parent.resolve().is_dir():
+        err.print(f"[red]error:[/red] the output directory {out.parent} does not exist")
+        raise typer.Exit(1)
+    key = _key(key_file)
+    result = _run(_submit(_node_addr(node), key, job, inputs, job_id, out, comment, data_type, detach, as_json))
+    if as_json:
+        print(json.dumps(result))
+    elif detach:
+        print(job_id)
+    else:
+        print(f"{job_id}: {result['keys']} keys, {result['size']} bytes -> {out}")
+
+
+async def _submit(addr: str, key: bytes, kind: str, inputs: list[Path], job_id: str, out: Path, comment: str,
+                  data_type: str, detach: bool, as_json: bool) -> dict[str, Any]:
+    async with Client(addr, key) as client:
+        ack = await client.submit(kind, inputs, job_id, comment=comment, data_type=data_type, output=str(out))
+        if detach:
+            return {"id": job_id, "accepted": True, "dup": ack.get("dup", False)}
+        with _progress_view(job_id, quiet=as_json) as show:
+            summary = await client.wait(job_id, show)
+        head = await client.fetch_result(job_id, out)
+        return {"id": job_id, "output": str(out), "size": head["size"], "keys": head.get("keys"),
+                "sha256": head["sha256"], "done_on": summary["done_on"],
+                "seconds": round(summary["finished_at"] - summary["submitted_at"], 3)}
+
+
+class _progress_view:
+    """A rich progress bar on a terminal, plain lines otherwise (nothing with --json)."""
+
+    def __init__(self, job_id: str, quiet: bool) -> None:
+        self.job_id, self.quiet = job_id, quiet
+        self.tty = sys.stderr.isatty()
+        self.bar: Progress | None = None
+        self.last = ""
+
+    def __enter__(self) -> _progress_view:
+        if self.tty and not self.quiet:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[nodes]}"), TimeElapsedColumn(), console=err)
+            self.bar.start()
+            self.maps = self.bar.add_task("map", total=None, nodes="")
+            self.reduces = self.bar.add_task("reduce", total=None, nodes="")
+        return self
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        nodes = ", ".join(p.get("nodes_at_work", []))
+        if self.bar is not None:
+            self.bar.update(self.maps, total=p["maps"], completed=p["maps_done"], nodes=nodes if p["state"] == "mapping" else "")
+            self.bar.update(self.reduces, total=p["reduces"], completed=p["reduces_done"],
+                            nodes=nodes if p["state"] == "reducing" else "")
+        elif not self.quiet:
+            line = (f"{self.job_id}: {p['state']}, maps {p['maps_done']}/{p['maps']}, "
+                    f"reduces {p['reduces_done']}/{p['reduces']}" + (f", at work: {nodes}" if nodes else ""))
+            if line != self.last:
+                err.print(line, highlight=False)
+                self.last = line
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+def status(
+    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (top-level `leader` names the leader)"),
+    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+) -> None:
+    """Members, leader, term, heartbeats and current tasks."""
+    st = _run(_call(_node_addr(node), _key(key_file), "status"))
+    st.pop("t", None), st.pop("s", None)
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    con = Console()
+    con.print(f"node [bold]{st['node']}[/bold]; leader [bold]{st['leader'] or 'none'}[/bold], term {st['term']}; "
+              f"jobs: {st['jobs']}; raft log truncations: {st['raft']['truncations']}")
+    table = Table("member", "data address", "cpus", "last heartbeat", "current tasks")
+    for m in st["members"]:
+        age = "never" if m["heartbeat_age"] is None else f"{m['heartbeat_age']:.1f} s ago"
+        tasks = ", ".join(f"{t['job']} {t['phase']} {t['index']}" for t in m["tasks"]) or "-"
+        table.add_row(m["name"] + (" (leader)" if m["name"] == st["leader"] else ""), m["data_addr"],
+                      str(m["cpus"]), age, tasks)
+    con.print(table)
+
+
+@app.command()
+def jobs(
+    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+) -> None:
+    """The party's jobs, oldest first."""
+    listing = _run(_call(_node_addr(node), _key(key_file), "jobs"))["jobs"]
+    if as_json:
+        print(json.dumps(listing, indent=2))
+        return
+    table = Table("job", "kind", "state", "maps", "reduces", "size", "submitter", "comment")
+    for j in listing:
+        table.add_row(j["id"], j["kind"], j["state"] + (f": {j['error']}" if j["error"] else ""),
+                      f"{j['maps_done']}/{j['maps']}", f"{j['reduces_done']}/{j['reduces']}", str(j["form"]["size"]),
+                      j["form"]["submitter"], j["form"]["comment"])
+    Console().print(table)
+
+
+@app.command()
+def result(
+    job_id: str = typer.Argument(..., help="the job id that submit printed"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="where to write it (default <job-id>.tsv)"),
+    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+) -> None:
+    """Fetch a finished job's output."""
+    out = output or Path(f"{job_id}.tsv")
+
+    async def fetch() -> dict[str, Any]:
+        async with Client(_node_addr(node), _key(key_file)) as client:
+            return await client.fetch_result(job_id, out)
+
+    head = _run(fetch())
+    print(f"{job_id}: {head['size']} bytes -> {out}")
+
+
+@app.command()
+def demo(
+    nodes: int = typer.Option(3, help="how many local nodes"),
+    keep: bool = typer.Option(False, help="keep the temp dir (logs, spools) afterwards"),
+) -> None:
+    """Start a local party, word-count the bundled sample, check it against the oracle."""
+    from pdp.demo import run_demo
+
+    _run(run_demo(nodes, keep))
+
+
+async def _call(addr: str, key: bytes, kind: str) -> dict[str, Any]:
+    async with Client(addr, key) as client:
+        return await client.call(kind)
+
+
+_TEMPLATE = """\
+# pdp node settings; every flag of `pdp node` has a key here, flags override this file.
+[node]
+# name = "my-laptop"             # node id (default: host name)
+# listen = "0.0.0.0:7700"        # data-plane bind address; Raft uses PORT+1
+# advertise = "192.168.1.20:7700"  # the address other members dial (NAT: the public one)
+# peers = ["192.168.1.21:7700", "192.168.1.22:7700"]  # the other core members
+# data_dir = "~/.local/share/pdp"
+key_file = "{key}"
+# cpus = 2                       # task slots this node gives the party
+"""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

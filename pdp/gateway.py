@@ -1,0 +1,201 @@
+"""The client-facing side of a node: submit, wait, result, status, jobs.
+
+Any member is a gateway. ``submit`` takes the job form and the input bytes (streamed from
+the submitter's machine), stores them in this node's spool and records the job in the
+replicated queue; the acknowledgement comes only after that commit. ``wait`` streams
+progress until the job ends; ``result`` streams the final output from whichever member
+holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from pdp.errors import InputError, PdpError, ProtocolError
+from pdp.fsutil import atomic_writer
+from pdp.jobs import KINDS
+from pdp.spool import check_id
+from pdp.state import ACTIVE, Job
+from pdp.streams import relay, send_file
+from pdp.transport import Handler, Stream
+
+if TYPE_CHECKING:
+    from pdp.node import Node
+
+log = logging.getLogger("pdp.gateway")
+
+MAX_INPUTS = 1000
+MAX_REDUCES = 64
+
+
+class Gateway:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"submit": self._submit, "wait": self._wait, "result": self._result, "status": self._status,
+                "jobs": self._jobs}
+
+    def _job(self, job_id: str) -> Job | None:
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            return state.jobs.get(job_id)
+
+    # -- submit -------------------------------------------------------------------------
+
+    async def _submit(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        job_id = check_id(str(hdr["id"]))
+        kind = str(hdr["kind"])
+        if kind not in KINDS:
+            raise InputError(f"unknown job kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        inputs = hdr["inputs"]
+        if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_INPUTS:
+            raise InputError(f"a job takes 1 to {MAX_INPUTS} inputs")
+        if self._job(job_id) is not None:  # a retried submit: the job already exists
+            await stream.send({"t": "accepted", "id": job_id, "dup": True})
+            return
+        await stream.send({"t": "go"})
+        stored = []
+        for k, inp in enumerate(inputs):
+            file_id = f"{job_id}-{k}"
+            size = await self._receive_input(stream, file_id, int(inp["size"]))
+            stored.append({"name": str(inp["name"])[:4096], "size": size, "file_id": file_id,
+                           "holders": [self.node.name]})
+        cmd = self._submit_cmd(job_id, kind, hdr, stored)
+        res = await self.node.propose(cmd, timeout=10.0)
+        if not res.get("ok"):
+            raise PdpError(f"the party refused the job: {res.get('error')}")
+        log.info("job %s accepted: %s of %d input(s), %d bytes, from %s", job_id, kind, len(stored),
+                 cmd["form"]["size"], cmd["form"]["submitter"])
+        await stream.send({"t": "accepted", "id": job_id, "dup": bool(res.get("dup"))})
+
+    async def _receive_input(self, stream: Stream, file_id: str, declared: int) -> int:
+        size = 0
+        with atomic_writer(self.node.spool.input(file_id)) as f:
+            while True:
+                frame = await stream.recv(60.0)
+                if frame.header["t"] == "end":
+                    break
+                if frame.header["t"] != "data":
+                    raise ProtocolError(f"expected input data, got {frame.header['t']!r}")
+                f.write(frame.payload)
+                size += len(frame.payload)
+                if size > declared:
+                    raise InputError(f"input {file_id} is larger than the declared {declared} bytes (did it change?)")
+        if size != declared:
+            raise InputError(f"input {file_id}: got {size} bytes, declared {declared} (did the file change?)")
+        return size
+
+    def _submit_cmd(self, job_id: str, kind: str, hdr: dict[str, Any], stored: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.node.config
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            slots = sum(m.cpus for m in state.members.values()) or 1
+        n_reduce = int(hdr.get("reduces") or cfg.reduces or min(slots, 16))
+        chunk = int(hdr.get("chunk_size") or cfg.chunk_mb * 1024 * 1024)
+        form = {
+            "source": [i["name"] for i in stored],
+            "data_type": str(hdr.get("data_type", "text/utf-8"))[:200],
+            "size": sum(i["size"] for i in stored),
+            "comment": str(hdr.get("comment", ""))[:2000],
+            "submitter": str(hdr.get("submitter", "?"))[:200],
+            "output": str(hdr.get("output", ""))[:4096],
+            "gateway": self.node.name,
+        }
+        return {"op": "submit", "id": job_id, "kind": kind, "inputs": stored, "form": form,
+                "n_reduce": max(1, min(n_reduce, MAX_REDUCES)), "chunk_size": max(64 * 1024, chunk),
+                "now": time.time()}
+
+    # -- wait / result --------------------------------------------------------------------
+
+    async def _wait(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Stream ``progress`` frames until the job ends, then ``done`` (or an error)."""
+        job_id = check_id(str(hdr["id"]))
+        last: dict[str, Any] | None = None
+        while True:
+            job = self._job(job_id)
+            if job is None:
+                raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
+            summary = job_summary(job)
+            if job.state == "failed":
+                raise PdpError(f"job {job_id} failed: {job.error}")
+            if job.state == "done":
+                await stream.send({"t": "done", **summary})
+                return
+            if summary != last:
+                await stream.send({"t": "progress", **summary})
+                last = summary
+            await self.node.changes.wait(1.0)
+
+    async def _result(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        job_id = check_id(str(hdr["id"]))
+        job = self._job(job_id)
+        if job is None:
+            raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
+        if job.state != "done":
+            raise PdpError(f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else "; no result yet"))
+        holder = str(job.result["holder"])
+        await stream.send({"t": "result", **job.result})
+        if holder == self.node.name:
+            await send_file(stream, self.node.spool.file(job_id, "result"))
+            return
+        conn = await self.node.peers.get(self.node.member_addr(holder))
+        source = conn.open_stream()
+        try:
+            await source.send({"t": "fetch_file", "job": job_id, "name": "result"})
+            await relay(source, stream)
+        finally:
+            source.close()
+
+    # -- status / jobs --------------------------------------------------------------------
+
+    async def _status(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        node = self.node
+        assert node.consensus is not None
+        raft = node.consensus.raft_status()
+        with node.consensus.reading() as state:
+            master = dict(state.master)
+            members = {m.name: {"name": m.name, "data_addr": m.data_addr, "raft_addr": m.raft_addr, "cpus": m.cpus}
+                       for m in state.members.values()}
+            jobs = {s: sum(j.state == s for j in state.jobs.values()) for s in ("queued", "running", "done", "failed")}
+            jobs["running"] = sum(j.state in ACTIVE[1:] for j in state.jobs.values())
+        live = await self._live_view(master)
+        for name, m in members.items():
+            seen = live.get(name)
+            m["heartbeat_age"] = None if seen is None else seen["age"]
+            m["tasks"] = [] if seen is None else seen["tasks"]
+        leader = master["name"] if master["term"] == raft["term"] and master["name"] else None
+        await stream.send({"t": "status", "node": node.name, "leader": leader, "term": raft["term"],
+                           "is_leader": node.master.is_master(), "raft": raft,
+                           "members": sorted(members.values(), key=lambda m: m["name"]), "jobs": jobs})
+
+    async def _live_view(self, master: dict[str, Any]) -> dict[str, Any]:
+        if not master["name"]:
+            return {}
+        if master["name"] == self.node.name:
+            return self.node.master.live_view()
+        try:
+            frame = await self.node.peers.request(master["data_addr"], {"t": "live"}, timeout=3.0)
+            return dict(frame.header.get("members") or {})
+        except (PdpError, OSError):
+            return {}
+
+    async def _jobs(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            jobs = [job_summary(j) for j in sorted(state.jobs.values(), key=lambda j: j.seq)]
+        await stream.send({"t": "jobs", "jobs": jobs})
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """A job as clients see it: the form, the phase, task counts and where work runs."""
+    running = sorted({t.node for t in job.maps + job.reduces if t.state == "running"})
+    done_on: dict[str, int] = {}
+    for t in job.maps + job.reduces:
+        if t.state == "done":
+            done_on[t.node] = done_on.get(t.node, 0) + 1
+    return {"id": job.id, "kind": job.kind, "state": job.state, "error": job.error, "form": job.form,
+            "submitted_at": job.submitted_at, "finished_at": job.finished_at, **job.counts(),
+            "nodes_at_work": running, "done_on": done_on, "result": job.result}

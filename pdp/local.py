@@ -1,0 +1,129 @@
+"""A party of real ``pdp node`` processes on 127.0.0.1, for the demo, the tests and benchmarks.
+
+Ports are picked free (a data port P with P+1 free for Raft), every node gets its own data
+dir under ``root`` and its log in ``root/<name>.log``; teardown is by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pdp.client import Client
+from pdp.config import write_key
+from pdp.errors import PdpError
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P+1 are both free on 127.0.0.1 right now."""
+    for _ in range(200):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65534:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise PdpError("no free pair of TCP ports on 127.0.0.1")
+
+
+class LocalParty:
+    def __init__(self, root: Path, n: int = 3, cpus: int = 1, extra: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.n = n
+        self.cpus = cpus
+        self.extra = extra
+        self.key_file = root / "party.key"
+        self.names = [f"node{i + 1}" for i in range(n)]
+        self.ports: list[int] = []
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def key(self) -> bytes:
+        return bytes.fromhex(self.key_file.read_text().strip())
+
+    def addr(self, i: int) -> str:
+        return f"127.0.0.1:{self.ports[i]}"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.key_file.exists():
+            write_key(self.key_file)
+        while len(self.ports) < self.n:
+            port = free_port_pair()
+            if all(abs(port - p) > 1 for p in self.ports):
+                self.ports.append(port)
+        for i in range(self.n):
+            self.start_node(i)
+
+    def start_node(self, i: int) -> None:
+        name = self.names[i]
+        args = [sys.executable, "-m", "pdp", "node", "--name", name, "--listen", self.addr(i),
+                "--data-dir", str(self.root / name), "--key-file", str(self.key_file), "--cpus", str(self.cpus),
+                *[a for j in range(self.n) if j != i for a in ("--peer", self.addr(j))], *self.extra]
+        log = open(self.root / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+
+    def signal(self, i: int, sig: int) -> None:
+        proc = self.procs.get(self.names[i])
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, sig)
+
+    async def status(self, i: int) -> dict[str, Any]:
+        async with Client(self.addr(i), self.key) as c:
+            return await c.call("status")
+
+    async def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Until every node names the same leader and sees every member; returns a status."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                views = [await self.status(i) for i in range(self.n)]
+                leaders = {v["leader"] for v in views}
+                beating = all(m["heartbeat_age"] is not None for v in views for m in v["members"])
+                if len(leaders) == 1 and None not in leaders and beating and all(len(v["members"]) == self.n for v in views):
+                    return views[0]
+                last = [(v["node"], v["leader"], len(v["members"])) for v in views]
+            except (PdpError, OSError) as exc:
+                last = exc
+            await asyncio.sleep(0.1)
+        raise PdpError(f"the local party did not become ready in {timeout:g} s (last view: {last}); logs in {self.root}")
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.root / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise PdpError(f"{name} exited with code {proc.returncode}:\n{tail}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> LocalParty:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,200 @@
+"""The composition root: one ``pdp node`` process, the same on every machine.
+
+Wires the pieces together — the Raft group (:mod:`pdp.consensus`), the data-plane server
+and outbound connections (:mod:`pdp.transport`), the spool, the task pool — and runs the
+three roles every node has: gateway for clients (:mod:`pdp.gateway`), worker
+(:mod:`pdp.worker`), and, while it leads the Raft group, master (:mod:`pdp.master`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from pdp import wire
+from pdp.config import NodeConfig, load_key
+from pdp.consensus import Consensus, ConsensusError
+from pdp.errors import PdpError
+from pdp.split import aligned_bounds
+from pdp.spool import Spool
+from pdp.streams import send_file
+from pdp.transport import Connection, Handler, Peers, Stream, accept, split_addr
+
+log = logging.getLogger("pdp.node")
+
+
+def raft_addr_of(data_addr: str) -> str:
+    """A core member's Raft address: its data port + 1 (documented convention)."""
+    host, port = split_addr(data_addr)
+    return f"{host}:{port + 1}"
+
+
+def _warm() -> int:
+    import pdp.jobs.wordcount  # noqa: F401  (import cost paid before the first task)
+
+    return os.getpid()
+
+
+class Changes:
+    """Wakes waiters whenever the replicated state (or the Raft role) changes."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.version += 1
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.key = load_key(config.key_file)
+        self.spool = Spool(config.data_dir / "spool")
+        self.changes = Changes()
+        self.peers = Peers(self.key, self.name)
+        self.connections: set[Connection] = set()
+        self.handlers: dict[str, Handler] = {}
+        self.pool: ProcessPoolExecutor | None = None
+        self.consensus: Consensus | None = None
+        self.stopping = asyncio.Event()
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        from pdp.gateway import Gateway
+        from pdp.master import Master
+        from pdp.worker import Worker
+
+        cfg = self.config
+        self.pool = ProcessPoolExecutor(cfg.cpus, mp_context=multiprocessing.get_context("spawn"))
+        peers = sorted({raft_addr_of(p) for p in cfg.peers} - {cfg.raft_addr})
+        self.consensus = Consensus(
+            cfg.raft_addr, peers, wire.derive(self.key, "raft").hex(), cfg.data_dir / "raft",
+            cfg.listen.rsplit(":", 1)[0], self.changes.notify,
+        )
+        self.master, self.worker, self.gateway = Master(self), Worker(self), Gateway(self)
+        self.handlers.update({"fetch_range": self._fetch_range, "fetch_file": self._fetch_file})
+        for part in (self.master, self.worker, self.gateway):
+            self.handlers.update(part.handlers())
+        host, port = split_addr(cfg.listen)
+        server = await asyncio.start_server(self._on_connect, host, port)
+        log.info("node %s listening on %s (advertised %s), raft %s, peers %s, %d task slot(s)",
+                 self.name, cfg.listen, cfg.advertise_addr, cfg.raft_addr, ", ".join(peers) or "none", cfg.cpus)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        self.tasks = [
+            asyncio.create_task(self._register()),
+            asyncio.create_task(self.master.run()),
+            *self.worker.start(),
+            loop.run_in_executor(self.pool, _warm),  # type: ignore[list-item]
+        ]
+        try:
+            await self.stopping.wait()
+        finally:
+            log.info("node %s shutting down", self.name)
+            server.close()
+            for task in self.tasks:
+                task.cancel()
+            for conn in list(self.connections):
+                conn.close()
+            self.peers.close()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.consensus.close()
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = await accept(reader, writer, self.key, self.name, self.handlers)
+        if conn is None:
+            return
+        self.connections.add(conn)
+        if conn.reader_task is not None:
+            conn.reader_task.add_done_callback(lambda _: self.connections.discard(conn))
+
+    async def _register(self) -> None:
+        """Record this member (name, addresses, slots) in the replicated state."""
+        cfg = self.config
+        cmd = {"op": "member", "name": self.name, "data_addr": cfg.advertise_addr, "raft_addr": cfg.raft_addr,
+               "cpus": cfg.cpus}
+        while True:
+            try:
+                await self.propose({**cmd, "now": _wall()}, timeout=3.0)
+                log.info("member %s joined the party", self.name)
+                return
+            except ConsensusError:
+                await asyncio.sleep(0.5)
+
+    # -- shared helpers -----------------------------------------------------------------
+
+    async def propose(self, cmd: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        assert self.consensus is not None
+        return await self.consensus.propose(cmd, timeout)
+
+    def master_addr(self) -> tuple[str, str] | None:
+        """(name, data address) of the current master, if one has committed its term."""
+        assert self.consensus is not None
+        with self.consensus.reading() as state:
+            master = dict(state.master)
+        return (master["name"], master["data_addr"]) if master["name"] else None
+
+    def member_addr(self, name: str) -> str:
+        assert self.consensus is not None
+        with self.consensus.reading() as state:
+            member = state.members.get(name)
+        if member is None:
+            raise PdpError(f"unknown member {name!r}")
+        return member.data_addr
+
+    async def run_in_pool(self, fn: Any, *args: Any) -> Any:
+        assert self.pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # -- data-plane handlers: serve spool bytes to peers --------------------------------
+
+    async def _fetch_range(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Send the line-aligned part of input bytes [start, end) that a map task owns."""
+        path = self.spool.input(str(hdr["file"]))
+        if not path.exists():
+            raise PdpError(f"{self.name} does not hold input {hdr['file']}")
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            a, b = aligned_bounds(f, int(hdr["start"]), int(hdr["end"]), size)
+        await stream.send({"t": "range", "a": a, "b": b})
+        await send_file(stream, path, a, b)
+
+    async def _fetch_file(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        path = self.spool.file(str(hdr["job"]), str(hdr["name"]))
+        if not path.exists():
+            raise PdpError(f"{self.name} has no {hdr['name']} for job {hdr['job']}", )
+        await send_file(stream, path)
+
+
+def _wall() -> float:
+    import time
+
+    return time.time()
+
+
+def run_node(config: NodeConfig) -> None:
+    """Run a node until SIGTERM/SIGINT, on uvloop where it is installed."""
+    node = Node(config)
+    try:
+        import uvloop
+
+        uvloop.run(node.run())
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        asyncio.run(node.run())

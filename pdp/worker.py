@@ -1,0 +1,193 @@
+"""The worker role: ask the master for tasks, run them in the process pool, report back.
+
+Each task slot (``cpus`` of them) is a loop: long-poll the master for a task, fetch what
+the task reads (a chunk of input from a holder, or map outputs from the mappers), run the
+job kind's function in the pool, report completion. A heartbeat loop tells the master this
+member is alive and what it is running. Workers refuse an assignment from a term older
+than one they have already obeyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pdp.errors import InputError, PdpError, RemoteError
+from pdp.jobs import job_kind
+from pdp.split import aligned_bounds
+from pdp.streams import recv_file
+from pdp.transport import ConnectionLost, Handler
+
+if TYPE_CHECKING:
+    from pdp.node import Node
+
+log = logging.getLogger("pdp.worker")
+
+FETCH_PARALLEL = 8
+
+
+class Worker:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.running: dict[int, dict[str, Any]] = {}  # slot -> task summary
+        self.highest_term = 0
+        self.done_count = 0
+
+    def handlers(self) -> dict[str, Handler]:
+        return {}
+
+    def start(self) -> list[asyncio.Task[None]]:
+        slots = [asyncio.create_task(self._slot(i)) for i in range(self.node.config.cpus)]
+        return [*slots, asyncio.create_task(self._heartbeats())]
+
+    # -- the loops --------------------------------------------------------------------
+
+    async def _slot(self, slot: int) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                task = await self._ask()
+                backoff = 0.1
+            except (PdpError, OSError) as exc:
+                log.debug("slot %d: no master yet (%s)", slot, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            if task is None:
+                continue
+            if task["term"] < self.highest_term:
+                log.warning("refused %s %s of %s from old term %d", task["phase"], task["index"], task["job"], task["term"])
+                continue
+            self.highest_term = task["term"]
+            self.running[slot] = {"job": task["job"], "phase": task["phase"], "index": task["index"],
+                                  "since": time.time()}
+            try:
+                await self._run(task)
+            finally:
+                self.running.pop(slot, None)
+
+    async def _ask(self) -> dict[str, Any] | None:
+        master = self.node.master_addr()
+        if master is None:
+            raise PdpError("no master elected yet")
+        frame = await self.node.peers.request(master[1], {"t": "get_task", "node": self.node.name, "wait": 2.0},
+                                              timeout=10.0)
+        return frame.header if frame.header["t"] == "task" else None
+
+    async def _heartbeats(self) -> None:
+        while True:
+            master = self.node.master_addr()
+            if master is not None:
+                try:
+                    await self.node.peers.request(master[1], {"t": "heartbeat", "node": self.node.name,
+                                                              "slots": self.node.config.cpus,
+                                                              "tasks": list(self.running.values())}, timeout=5.0)
+                except (PdpError, OSError) as exc:
+                    log.debug("heartbeat to %s failed: %s", master[0], exc)
+            await asyncio.sleep(self.node.config.heartbeat)
+
+    # -- running a task -----------------------------------------------------------------
+
+    async def _run(self, task: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        try:
+            stats = await (self._map(task) if task["phase"] == "map" else self._reduce(task))
+        except InputError as exc:
+            await self._report({"t": "task_failed", "job": task["job"], "error": str(exc)})
+            return
+        except (PdpError, OSError, BrokenProcessPool) as exc:
+            log.warning("%s %s of %s failed here: %s", task["phase"], task["index"], task["job"], exc)
+            if isinstance(exc, BrokenProcessPool):
+                self.node.restart_pool()
+            await asyncio.sleep(0.5)  # the master re-runs it (lease expiry, issue 3)
+            return
+        stats["seconds"] = round(time.monotonic() - t0, 4)
+        await self._report({"t": "task_done", "job": task["job"], "phase": task["phase"], "index": task["index"],
+                            "attempt": task["attempt"], "node": self.node.name, "stats": stats})
+        self.done_count += 1
+
+    async def _report(self, header: dict[str, Any]) -> None:
+        """Tell the master, retrying across a master change until one answers."""
+        for _ in range(60):
+            master = self.node.master_addr()
+            if master is not None:
+                try:
+                    await self.node.peers.request(master[1], header, timeout=10.0)
+                    return
+                except RemoteError as exc:
+                    log.debug("report refused by %s: %s", master[0], exc)
+                except (PdpError, OSError) as exc:
+                    log.debug("report to %s failed: %s", master[0], exc)
+            await asyncio.sleep(0.5)
+        log.warning("could not report %s %s of %s to any master", header.get("phase"), header.get("index"), header["job"])
+
+    async def _map(self, task: dict[str, Any]) -> dict[str, Any]:
+        node, job = self.node, task["job"]
+        local = node.spool.input(task["file"])
+        if local.exists():
+            with open(local, "rb") as f:
+                a, b = aligned_bounds(f, task["start"], task["end"], local.stat().st_size)
+            path, base = local, 0
+        else:
+            path = node.spool.file(job, f"chunk-{task['index']}")
+            a, b = await self._fetch_range(task, path)
+            path, base, a, b = path, a, 0, b - a
+        outs = [str(node.spool.file(job, f"map-{task['index']}-{r}")) for r in range(task["n_reduce"])]
+        kind = job_kind(task["kind"])
+        try:
+            stats = await node.run_in_pool(kind.map_range, str(path), a, b, task["n_reduce"], outs)
+        except kind.InvalidUtf8 as exc:
+            raise InputError(f"input {task['name']} is not valid UTF-8: invalid byte at offset {base + exc.offset}; "
+                             "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) and submit again") from None
+        finally:
+            if path != local:
+                path.unlink(missing_ok=True)
+        return dict(stats)
+
+    async def _fetch_range(self, task: dict[str, Any], dest: Path) -> tuple[int, int]:
+        errors = []
+        for holder, addr in task["holders"]:
+            try:
+                conn = await self.node.peers.get(addr)
+                stream = conn.open_stream()
+                try:
+                    await stream.send({"t": "fetch_range", "file": task["file"], "start": task["start"],
+                                       "end": task["end"]})
+                    head = await stream.recv(30.0)
+                    await recv_file(stream, dest)
+                    return int(head.header["a"]), int(head.header["b"])
+                finally:
+                    stream.close()
+            except (PdpError, OSError) as exc:
+                errors.append(f"{holder}: {exc}")
+        raise ConnectionLost(f"no holder of input {task['name']} answered ({'; '.join(errors) or 'none known'})")
+
+    async def _reduce(self, task: dict[str, Any]) -> dict[str, Any]:
+        node, job, r = self.node, task["job"], task["index"]
+        gate = asyncio.Semaphore(FETCH_PARALLEL)
+
+        async def fetch(m: int, holder: str, addr: str) -> str:
+            if holder == node.name:
+                return str(node.spool.file(job, f"map-{m}-{r}"))
+            dest = node.spool.file(job, f"in-{r}-{m}")
+            async with gate:
+                conn = await node.peers.get(addr)
+                stream = conn.open_stream()
+                try:
+                    await stream.send({"t": "fetch_file", "job": job, "name": f"map-{m}-{r}"})
+                    await recv_file(stream, dest)
+                finally:
+                    stream.close()
+            return str(dest)
+
+        inputs = await asyncio.gather(*(fetch(m, h, a) for m, h, a in task["sources"]))
+        out = str(node.spool.file(job, f"reduce-{r}"))
+        stats = await node.run_in_pool(job_kind(task["kind"]).reduce_partitions, list(inputs), out)
+        for path in inputs:
+            if "/in-" in path:
+                Path(path).unlink(missing_ok=True)
+        return dict(stats)
