@@ -105,7 +105,7 @@ class Gateway:
             "gateway": self.node.name,
         }
         return {"op": "submit", "id": job_id, "kind": kind, "inputs": stored, "form": form,
-                "n_reduce": max(1, min(n_reduce, MAX_REDUCES)), "chunk_size": max(64 * 1024, chunk),
+                "n_reduce": max(1, min(n_reduce, MAX_REDUCES)), "chunk_size": max(4096, chunk),
                 "now": time.time()}
 
     # -- wait / result --------------------------------------------------------------------

@@ -140,6 +140,7 @@ class State:
         job.reduces = [Task("reduce", r) for r in range(n_reduce)]
         self.next_seq += 1
         self.jobs[job_id] = job
+        self._advance(job)  # inputs that are all empty have no map to wait for
         return {"ok": True, "id": job_id}
 
     def _check_order(self, c: Cmd) -> tuple[Job | None, Result | None]:
