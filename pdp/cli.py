@@ -13,6 +13,7 @@ from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -35,10 +36,15 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except PdpError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _error(message: str) -> None:
+    """One unwrapped line on stderr (red on a terminal) so scripts can grep it."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _node_addr(node: Optional[str]) -> str:
@@ -49,7 +55,7 @@ def _key(key_file: Optional[Path]) -> bytes:
     try:
         return load_key(key_file or default_key_file())
     except PdpError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(1) from None
 
 
@@ -79,7 +85,7 @@ def node(
         cfg = load_config(config, overrides)
         run_node(cfg)
     except PdpError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(1) from None
 
 
@@ -93,7 +99,7 @@ def party_init(
     try:
         write_key(key_path, force=force)
     except PdpError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _error(str(exc))
         raise typer.Exit(1) from None
     conf_path = key_path.parent / "pdp.toml"
     if not conf_path.exists():
@@ -118,7 +124,7 @@ def submit(
     job_id = new_job_id(job)
     out = output or Path(f"{job_id}.tsv")
     if not detach and not out.parent.resolve().is_dir():
-        err.print(f"[red]error:[/red] the output directory {out.parent} does not exist")
+        _error(f"the output directory {out.parent} does not exist")
         raise typer.Exit(1)
     key = _key(key_file)
     result = _run(_submit(_node_addr(node), key, job, inputs, job_id, out, comment, data_type, detach, as_json))
@@ -172,7 +178,7 @@ class _progress_view:
             line = (f"{self.job_id}: {p['state']}, maps {p['maps_done']}/{p['maps']}, "
                     f"reduces {p['reduces_done']}/{p['reduces']}" + (f", at work: {nodes}" if nodes else ""))
             if line != self.last:
-                err.print(line, highlight=False)
+                err.print(line, highlight=False, soft_wrap=True, markup=False)
                 self.last = line
 
     def __exit__(self, *exc: object) -> None:

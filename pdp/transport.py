@@ -203,7 +203,13 @@ async def dial(addr: str, key: bytes, name: str, role: str, timeout: float = HAN
         challenge = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
         if challenge.header["t"] == "error":
             shake.on_welcome(challenge.header)  # raises AuthError with the node's reason
-        _send_now(writer, shake.on_challenge(challenge.header))
+        try:
+            _send_now(writer, shake.on_challenge(challenge.header))
+        except AuthError:  # tell the node too, so both logs name the reason
+            _send_now(writer, wire.error_header("auth", "wrong party secret: the dialer could not verify this node's proof"))
+            with contextlib.suppress(Exception):
+                await writer.drain()
+            raise
         welcome = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
         shake.on_welcome(welcome.header)
     except asyncio.TimeoutError:
@@ -236,6 +242,8 @@ async def accept(
         hello = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
         _send_now(writer, shake.on_hello(hello.header))
         auth = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
+        if auth.header["t"] == "error":
+            raise AuthError(str(auth.header.get("message", "the dialer gave up"))[:300])
         _send_now(writer, shake.on_auth(auth.header))
         await writer.drain()
     except AuthError as exc:
