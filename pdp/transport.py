@@ -24,7 +24,7 @@ log = logging.getLogger("pdp.transport")
 
 READ_SIZE = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
-STREAM_QUEUE = 64
+STREAM_QUEUE = 16
 Handler = Callable[["Stream", dict[str, Any], bytes], Awaitable[None]]
 
 
