@@ -23,7 +23,7 @@ def build_input(corpus: Path, mb: float, out: Path) -> int:
     blobs = [p.read_bytes() for p in sorted(corpus.glob("*.txt"))]
     if not blobs:
         raise SystemExit(f"no *.txt files in {corpus}")
-    target, size = int(mb * 1_000_000), 0
+    target, size = int(mb * 1024 * 1024), 0
     with open(out, "wb") as f:
         while size < target:
             for blob in blobs:
@@ -35,7 +35,7 @@ def build_input(corpus: Path, mb: float, out: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=100.0, help="input size in MB (default 100)")
-    ap.add_argument("--corpus", type=Path, default=Path("/work/shared/corpus"))
+    ap.add_argument("--corpus", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "corpus")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="pdp-bench-") as tmp:
         path = Path(tmp) / "input.txt"

@@ -82,11 +82,11 @@ def node(
     overrides = {"name": name, "listen": listen, "advertise": advertise, "raft_port": raft_port,
                  "peers": tuple(peer), "data_dir": data_dir, "key_file": key_file, "cpus": cpus}
     try:
-        cfg = load_config(config, overrides)
-        run_node(cfg)
+        code = run_node(load_config(config, overrides))
     except PdpError as exc:
         _error(str(exc))
         raise typer.Exit(1) from None
+    raise typer.Exit(code)
 
 
 @party_app.command("init")
@@ -103,7 +103,7 @@ def party_init(
         raise typer.Exit(1) from None
     conf_path = key_path.parent / "pdp.toml"
     if not conf_path.exists():
-        conf_path.write_text(_TEMPLATE.format(key=key_path))
+        conf_path.write_text(_TEMPLATE.format(key=key_path.resolve()))
     print(f"party secret: {key_path} (copy it, mode 0600, to every member)")
     print(f"config:       {conf_path}")
 
@@ -264,15 +264,20 @@ async def _call(addr: str, key: bytes, kind: str) -> dict[str, Any]:
 
 
 _TEMPLATE = """\
-# pdp node settings; every flag of `pdp node` has a key here, flags override this file.
+# pdp node settings: `pdp node --config THIS_FILE`; flags override them.
+# Every key is documented in configs/node.example.toml of the pdp repository.
 [node]
-# name = "my-laptop"             # node id (default: host name)
-# listen = "0.0.0.0:7700"        # data-plane bind address; Raft uses PORT+1
-# advertise = "192.168.1.20:7700"  # the address other members dial (NAT: the public one)
+# name = "my-laptop"                # node id, unique in the party (default: host name)
+# listen = "0.0.0.0:7700"           # data-plane bind address; Raft binds PORT+1 on the same host
+# advertise = "192.168.1.20:7700"   # the address other members dial (needed with 0.0.0.0; NAT: the public one)
+# raft_port = 0                     # 0 = data port + 1 (peers assume + 1)
 # peers = ["192.168.1.21:7700", "192.168.1.22:7700"]  # the other core members
-# data_dir = "~/.local/share/pdp"
+# data_dir = "~/.local/share/pdp"   # Raft journal and dump, spool
 key_file = "{key}"
-# cpus = 2                       # task slots this node gives the party
+# cpus = 2                          # task slots this node gives the party (default: all cores)
+# chunk_mb = 8.0                    # map chunk size for jobs submitted through this node
+# reduces = 0                       # reduce tasks per job; 0 = one per task slot, at most 16
+# heartbeat = 1.0                   # seconds between heartbeats to the master
 """
 
 

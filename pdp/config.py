@@ -44,7 +44,7 @@ class NodeConfig:
     key_file: Path = field(default_factory=default_key_file)
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)  # size of the task pool
     chunk_mb: float = 8.0  # map chunk size for jobs submitted through this node
-    reduces: int = 0  # reduce tasks per job submitted here; 0 = one per member slot
+    reduces: int = 0  # reduce tasks per job submitted here; 0 = one per task slot in the party, at most 16
     heartbeat: float = 1.0  # seconds between a worker's heartbeats to the master
 
     @property
@@ -72,8 +72,8 @@ class NodeConfig:
             raise ConfigError(f"cpus = {self.cpus}: must be between 1 and 1024")
         if not 0.0625 <= self.chunk_mb <= 1024:
             raise ConfigError(f"chunk_mb = {self.chunk_mb}: must be between 0.0625 and 1024")
-        if not 0 <= self.reduces <= 1024:
-            raise ConfigError(f"reduces = {self.reduces}: must be between 0 (automatic) and 1024")
+        if not 0 <= self.reduces <= 64:
+            raise ConfigError(f"reduces = {self.reduces}: must be between 0 (one per task slot, at most 16) and 64")
         if not 0.05 <= self.heartbeat <= 60:
             raise ConfigError(f"heartbeat = {self.heartbeat}: must be between 0.05 and 60 seconds")
         if self.raft_port and not 0 < self.raft_port < 65536:

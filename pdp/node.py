@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -72,10 +73,11 @@ class Node:
         self.consensus: Consensus | None = None
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[Any]] = []
+        self.exit_code = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self) -> int:
         from pdp.gateway import Gateway
         from pdp.master import Master
         from pdp.worker import Worker
@@ -116,6 +118,7 @@ class Node:
             self.peers.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.consensus.close()
+        return self.exit_code
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = await accept(reader, writer, self.key, self.name, self.handlers)
@@ -132,11 +135,17 @@ class Node:
                "cpus": cfg.cpus}
         while True:
             try:
-                await self.propose({**cmd, "now": _wall()}, timeout=3.0)
-                log.info("member %s joined the party", self.name)
-                return
+                res = await self.propose({**cmd, "now": time.time()}, timeout=3.0)
             except ConsensusError:
                 await asyncio.sleep(0.5)
+                continue
+            if not res.get("ok"):
+                log.error("cannot join the party: %s", res.get("error"))
+                self.exit_code = 1
+                self.stopping.set()
+                return
+            log.info("member %s joined the party", self.name)
+            return
 
     # -- shared helpers -----------------------------------------------------------------
 
@@ -158,6 +167,14 @@ class Node:
         if member is None:
             raise PdpError(f"unknown member {name!r}")
         return member.data_addr
+
+    def restart_pool(self) -> None:
+        """Replace a broken pool (a task process died) with a fresh one."""
+        old = self.pool
+        self.pool = ProcessPoolExecutor(self.config.cpus, mp_context=multiprocessing.get_context("spawn"))
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+        log.warning("task pool restarted after a task process died")
 
     async def run_in_pool(self, fn: Any, *args: Any) -> Any:
         assert self.pool is not None
@@ -183,18 +200,11 @@ class Node:
         await send_file(stream, path)
 
 
-def _wall() -> float:
-    import time
-
-    return time.time()
-
-
-def run_node(config: NodeConfig) -> None:
-    """Run a node until SIGTERM/SIGINT, on uvloop where it is installed."""
+def run_node(config: NodeConfig) -> int:
+    """Run a node until SIGTERM/SIGINT (on uvloop where installed); returns the exit code."""
     node = Node(config)
     try:
         import uvloop
-
-        uvloop.run(node.run())
     except ImportError:  # pragma: no cover - platforms without uvloop
-        asyncio.run(node.run())
+        return asyncio.run(node.run())
+    return uvloop.run(node.run())

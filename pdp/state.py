@@ -115,6 +115,9 @@ class State:
 
     def _member(self, c: Cmd) -> Result:
         name = str(c["name"])
+        known = self.members.get(name)
+        if known is not None and known.raft_addr != str(c["raft_addr"]):
+            return _err(f"the name {name!r} is taken by the member at {known.data_addr}; give this node another --name")
         self.members[name] = Member(name, str(c["data_addr"]), str(c["raft_addr"]), int(c["cpus"]), float(c["now"]))
         return {"ok": True}
 
@@ -133,6 +136,8 @@ class State:
         if n_reduce < 1 or chunk < 1:
             return _err("n_reduce and chunk_size must be at least 1")
         inputs = [dict(i) for i in c["inputs"]]
+        for inp in inputs:
+            inp["holders"] = [str(h) for h in inp.get("holders") or []]
         job = Job(job_id, self.next_seq, str(c["kind"]), inputs, n_reduce, chunk, dict(c["form"]), float(c["now"]))
         for k, inp in enumerate(inputs):
             for start, end in plan_ranges(int(inp["size"]), chunk):
@@ -156,11 +161,14 @@ class State:
         return job, None
 
     def _task(self, job: Job, c: Cmd) -> Task | None:
-        tasks = job.tasks(str(c["phase"]))
+        if c["phase"] not in ("map", "reduce"):
+            return None
+        tasks = job.tasks(c["phase"])
         index = int(c["index"])
         return tasks[index] if 0 <= index < len(tasks) else None
 
     def _assign(self, c: Cmd) -> Result:
+        lease_until, node = float(c["lease_until"]), str(c["node"])  # parse before any change
         job, bad = self._check_order(c)
         if job is None:
             return bad or _err("unknown job")
@@ -171,27 +179,28 @@ class State:
             return _err(f"task {task.phase} {task.index} of {job.id} is {task.state}", busy=True)
         if task.phase == "reduce" and job.state != "reducing":
             return _err(f"job {job.id} is {job.state}: reduce tasks wait for every map")
-        task.state, task.node, task.term = "running", str(c["node"]), int(c["term"])
+        task.state, task.node, task.term = "running", node, int(c["term"])
         task.attempt += 1
-        task.lease_until = float(c["lease_until"])
+        task.lease_until = lease_until
         if job.state == "queued":
             job.state = "mapping"
         return {"ok": True, "attempt": task.attempt}
 
     def _complete(self, c: Cmd) -> Result:
+        stats, node, attempt = dict(c.get("stats") or {}), str(c["node"]), int(c["attempt"])
+        if not node:
+            return _err("a completion must name the node holding the output")
         job, bad = self._check_order(c)
         if job is None:
             return bad or _err("unknown job")
         task = self._task(job, c)
         if task is None:
             return _err(f"no task {c['phase']} {c['index']} in job {job.id}")
-        attempt = int(c["attempt"])
         if task.state == "done":
             return _err("already done", dup=True)
         if not 1 <= attempt <= task.attempt:
             return _err(f"attempt {attempt} of task {task.phase} {task.index} was never assigned")
-        task.state, task.node = "done", str(c["node"])
-        task.stats = dict(c.get("stats") or {})
+        task.state, task.node, task.stats = "done", node, stats
         self._advance(job)
         return {"ok": True}
 
@@ -202,24 +211,26 @@ class State:
             job.state = "assembling"
 
     def _fail(self, c: Cmd) -> Result:
+        now, error = float(c["now"]), str(c["error"])[:MAX_ERROR]
         job, bad = self._check_order(c)
         if job is None:
             return bad or _err("unknown job")
-        job.state, job.error = "failed", str(c["error"])[:MAX_ERROR]
-        job.finished_at = float(c["now"])
+        job.state, job.error, job.finished_at = "failed", error, now
         return {"ok": True}
 
     def _finish(self, c: Cmd) -> Result:
+        now, result = float(c["now"]), dict(c["result"])
         job, bad = self._check_order(c)
         if job is None:
             return bad or _err("unknown job")
         if job.state != "assembling":
             return _err(f"job {job.id} is {job.state}, not assembling")
-        job.state, job.result = "done", dict(c["result"])
-        job.finished_at = float(c["now"])
+        job.state, job.result, job.finished_at = "done", result, now
         return {"ok": True}
 
     def _batch(self, c: Cmd) -> Result:
+        if not isinstance(c["cmds"], list):
+            return _err("batch needs a list of commands")
         return {"ok": True, "results": [self.apply(sub) for sub in c["cmds"]]}
 
     # -- queries (read-only helpers for the shell) ---------------------------------------
