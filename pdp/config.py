@@ -46,6 +46,9 @@ class NodeConfig:
     chunk_mb: float = 8.0  # map chunk size for jobs submitted through this node
     reduces: int = 0  # reduce tasks per job submitted here; 0 = one per task slot in the party, at most 16
     heartbeat: float = 1.0  # seconds between a worker's heartbeats to the master
+    dead_after: float = 3.0  # a member silent this long is lost: its tasks run elsewhere
+    stall_after: float = 30.0  # a task without progress this long runs again elsewhere
+    max_failures: int = 10  # a task that fails this often fails its job
 
     @property
     def data_port(self) -> int:
@@ -76,6 +79,13 @@ class NodeConfig:
             raise ConfigError(f"reduces = {self.reduces}: must be between 0 (one per task slot, at most 16) and 64")
         if not 0.05 <= self.heartbeat <= 60:
             raise ConfigError(f"heartbeat = {self.heartbeat}: must be between 0.05 and 60 seconds")
+        if not 2 * self.heartbeat <= self.dead_after <= 600:
+            raise ConfigError(f"dead_after = {self.dead_after}: must be at least twice heartbeat ({self.heartbeat}) "
+                              "and at most 600 seconds")
+        if not self.dead_after <= self.stall_after <= 86400:
+            raise ConfigError(f"stall_after = {self.stall_after}: must be between dead_after and 86400 seconds")
+        if not 1 <= self.max_failures <= 1000:
+            raise ConfigError(f"max_failures = {self.max_failures}: must be between 1 and 1000")
         if self.raft_port and not 0 < self.raft_port < 65536:
             raise ConfigError(f"raft_port = {self.raft_port}: not a TCP port")
         return self

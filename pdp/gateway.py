@@ -136,18 +136,28 @@ class Gateway:
             raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
         if job.state != "done":
             raise PdpError(f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else "; no result yet"))
-        holder = str(job.result["holder"])
+        holders = [str(h) for h in job.result["holders"]]
         await stream.send({"t": "result", **job.result})
-        if holder == self.node.name:
+        if self.node.name in holders:
             await send_file(stream, self.node.spool.file(job_id, "result"))
             return
-        conn = await self.node.peers.get(self.node.member_addr(holder))
-        source = conn.open_stream()
-        try:
-            await source.send({"t": "fetch_file", "job": job_id, "name": "result"})
-            await relay(source, stream)
-        finally:
-            source.close()
+        errors = []
+        for holder in holders:
+            try:
+                conn = await self.node.peers.get(self.node.member_addr(holder))
+            except (PdpError, OSError) as exc:
+                errors.append(f"{holder}: {exc}")
+                continue
+            source = conn.open_stream()
+            try:
+                await source.send({"t": "fetch_file", "job": job_id, "name": "result"})
+                await relay(source, stream)
+                return
+            except (PdpError, OSError) as exc:
+                errors.append(f"{holder}: {exc}")  # nothing relayed yet unless the holder died mid-way
+            finally:
+                source.close()
+        raise PdpError(f"no member holding the result of {job_id} answered ({'; '.join(errors)}); try again later")
 
     # -- status / jobs --------------------------------------------------------------------
 

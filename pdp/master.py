@@ -3,8 +3,15 @@
 A node acts as master only after a ``master`` entry of its own Raft term has committed
 (leadership is a hint, the log is the truth). The master hands tasks to workers that ask
 for them (long poll), records completions (first wins), fails a job whose input is bad,
-merges finished jobs' reduce outputs into the result, and keeps the live view of members
-(heartbeats, current tasks) that ``pdp status`` shows.
+merges finished jobs' reduce outputs into the result (stored on two members), and keeps
+the live view of members (heartbeats, current tasks, progress) that ``pdp status`` shows.
+
+Leases: an assignment records a deadline in the log; while it runs, the worker's
+heartbeats list the task with its progress, and the master keeps the lease alive in
+memory for as long as progress moves (no Raft write per heartbeat). The reaper gives a
+task back to the queue when its member goes silent for ``dead_after`` (then everything the
+member held is redone: ``lost``), when a live member stops listing it, or when its
+progress stands still for ``stall_after``. A new master starts every lease afresh.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from pdp.errors import PdpError
 from pdp.jobs import job_kind
 from pdp.scheduler import TaskKey, jobs_to_assemble, pick_task
 from pdp.state import Job, Task
-from pdp.streams import recv_file
 from pdp.transport import Handler, Stream
 
 if TYPE_CHECKING:
@@ -44,10 +50,15 @@ class Master:
         self.reserved: set[TaskKey] = set()
         self.assembling: set[str] = set()
         self.live: dict[str, dict[str, Any]] = {}
+        self.since = 0.0  # monotonic time this node became master
+        self.watch: dict[tuple[str, str, int, int], list[float]] = {}  # attempt -> [progress, moved_at, seen_at]
+        self.declared_dead: set[str] = set()
+        cfg = node.config
+        self.dead_after, self.stall_after, self.max_failures = cfg.dead_after, cfg.stall_after, cfg.max_failures
 
     def handlers(self) -> dict[str, Handler]:
         return {"get_task": self._get_task, "task_done": self._task_done, "task_failed": self._task_failed,
-                "heartbeat": self._heartbeat, "live": self._live}
+                "heartbeat": self._heartbeat, "live": self._live, "unreachable": self._unreachable}
 
     # -- becoming master ----------------------------------------------------------------
 
@@ -70,8 +81,11 @@ class Master:
                 if self.term != c.term():
                     self.term = c.term()
                     self.reserved.clear()
+                    self.since, self.live, self.watch = time.monotonic(), {}, {}
+                    self.declared_dead.clear()
                     log.info("%s is master in term %d", self.node.name, self.term)
                 self._start_assembly()
+                await self._reap()
             elif self.term:
                 log.info("%s is no longer master (term %d)", self.node.name, self.term)
                 self.term = 0
@@ -141,12 +155,37 @@ class Master:
         await stream.send({"t": "ok", "accepted": bool(res.get("ok")), "why": res.get("error", "")})
 
     async def _task_failed(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
-        """A task hit an error that running it again cannot fix (bad input): fail the job."""
+        """A bad input fails the job; any other failure gives the task back (counted)."""
         term = self._require()
-        res = await self.node.propose({"op": "fail", "job": hdr["job"], "term": term, "error": str(hdr["error"]),
-                                       "now": time.time()})
+        if hdr.get("retry"):
+            res = await self._release(hdr, f"failed on {hdr['node']}: {hdr['error']}",
+                                      failed=bool(hdr.get("counted", True)))
+            if res.get("job_failed"):
+                log.warning("job %s failed: %s %s failed %d times", hdr["job"], hdr["phase"], hdr["index"],
+                            self.max_failures)
+        else:
+            res = await self.node.propose({"op": "fail", "job": hdr["job"], "term": term,
+                                           "error": str(hdr["error"]), "now": time.time()})
+            if res.get("ok"):
+                log.warning("job %s failed: %s", hdr["job"], hdr["error"])
+        await stream.send({"t": "ok"})
+
+    async def _release(self, t: dict[str, Any], reason: str, failed: bool = False) -> dict[str, Any]:
+        res = await self.node.propose({"op": "release", "job": t["job"], "phase": t["phase"], "index": t["index"],
+                                       "attempt": t["attempt"], "term": self.term, "reason": reason,
+                                       "failed": failed, "max_failures": self.max_failures, "now": time.time()})
         if res.get("ok"):
-            log.warning("job %s failed: %s", hdr["job"], hdr["error"])
+            log.warning("job %s: %s %s runs again (%s)", t["job"], t["phase"], t["index"], reason)
+        return res
+
+    async def _unreachable(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """A worker could not fetch done tasks' outputs from a holder: redo those tasks."""
+        term = self._require()
+        res = await self.node.propose({"op": "redo", "job": hdr["job"], "phase": hdr["phase"],
+                                       "holder": hdr["holder"], "indexes": hdr["indexes"], "term": term})
+        if res.get("redone"):
+            log.warning("job %s: %d %s output(s) unreachable on %s run again", hdr["job"], res["redone"],
+                        hdr["phase"], hdr["holder"])
         await stream.send({"t": "ok"})
 
     # -- liveness ---------------------------------------------------------------------
@@ -155,18 +194,91 @@ class Master:
         name = str(hdr["node"])
         if name not in self.live:
             log.info("member %s is alive", name)
-        self.live[name] = {"seen": time.monotonic(), "tasks": list(hdr.get("tasks") or []),
-                           "slots": int(hdr.get("slots", 0))}
+        if name in self.declared_dead:
+            log.info("member %s is back", name)
+            self.declared_dead.discard(name)
+        now = time.monotonic()
+        tasks = [t for t in hdr.get("tasks") or [] if isinstance(t, dict)]
+        for t in tasks:
+            self._watch(t, now)
+        self.live[name] = {"seen": now, "tasks": tasks, "slots": int(hdr.get("slots", 0))}
         await stream.send({"t": "ok", "master": self.node.name})
+
+    def _watch(self, t: dict[str, Any], now: float) -> None:
+        """Keep a running attempt's lease alive while its progress moves."""
+        key = (str(t.get("job")), str(t.get("phase")), int(t.get("index", -1)), int(t.get("attempt", 0)))
+        entry = self.watch.setdefault(key, [-1.0, now, now])
+        progress = float(t.get("progress", 0))
+        if progress != entry[0]:
+            entry[0], entry[1] = progress, now
+        entry[2] = now
+
+    def health(self, name: str, now: float) -> tuple[str, float | None]:
+        """(alive | suspected | dead | unknown, seconds since the last heartbeat)."""
+        seen = self.live.get(name)
+        if seen is None:
+            return ("dead" if name in self.declared_dead else "unknown"), None
+        age = now - seen["seen"]
+        state = "alive" if age <= 2 * self.node.config.heartbeat else "suspected" if age <= self.dead_after else "dead"
+        return state, age
 
     def live_view(self) -> dict[str, Any]:
         now = time.monotonic()
-        return {name: {"age": round(now - v["seen"], 3), "tasks": v["tasks"], "slots": v["slots"]}
-                for name, v in self.live.items()}
+        view = {}
+        for name in set(self.live) | self.declared_dead:
+            health, age = self.health(name, now)
+            info = self.live.get(name, {})
+            view[name] = {"health": health, "age": None if age is None else round(age, 3),
+                          "tasks": info.get("tasks", []), "slots": info.get("slots", 0)}
+        return view
 
     async def _live(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         self._require()
         await stream.send({"t": "live", "members": self.live_view()})
+
+    # -- the reaper: leases ----------------------------------------------------------------
+
+    async def _reap(self) -> None:
+        """Give back the tasks of lost members, tasks nobody runs, and stalled tasks."""
+        c = self.node.consensus
+        assert c is not None
+        now = time.monotonic()
+        if now - self.since < self.dead_after + self.node.config.heartbeat:
+            return  # a new master first hears from everyone
+        with c.reading() as state:
+            members = list(state.members)
+            running = [{"job": j.id, "phase": t.phase, "index": t.index, "attempt": t.attempt, "node": t.node}
+                       for j in state.active_jobs() for t in j.maps + j.reduces if t.state == "running"]
+            holding = {t.node for j in state.active_jobs() for t in j.maps + j.reduces if t.node}
+        for name in members:
+            seen = self.live.get(name, {}).get("seen", self.since)
+            if now - seen > self.dead_after and name not in self.declared_dead and name in holding:
+                res = await self.node.propose({"op": "lost", "node": name, "term": self.term})
+                if res.get("ok"):
+                    self.declared_dead.add(name)
+                    log.warning("member %s lost (silent for %.1f s): its tasks run elsewhere (%d job(s))",
+                                name, now - seen, res["jobs"])
+        for t in running:
+            if t["node"] in self.declared_dead:
+                continue
+            reason = self._expired(t, now)
+            if reason:
+                await self._release(t, reason)
+        live_keys = {(t["job"], t["phase"], t["index"], t["attempt"]) for t in running}
+        self.watch = {k: v for k, v in self.watch.items() if k in live_keys}
+
+    def _expired(self, t: dict[str, Any], now: float) -> str:
+        """Why a running attempt's lease is over, or "" while it holds."""
+        key = (t["job"], t["phase"], t["index"], t["attempt"])
+        entry = self.watch.get(key)
+        if entry is None:  # first noticed (just assigned, or a new master): full grace
+            self.watch[key] = [-1.0, now, now]
+            return ""
+        if now - entry[2] > self.dead_after + self.node.config.heartbeat:
+            return f"lost on {t['node']}"  # its member is alive but no longer runs it
+        if now - entry[1] > self.stall_after:
+            return f"stalled on {t['node']}"
+        return ""
 
     # -- assembling results -------------------------------------------------------------
 
@@ -174,42 +286,76 @@ class Master:
         c = self.node.consensus
         assert c is not None
         with c.reading() as state:
-            jobs = [(j.id, j.kind, [t.node for t in j.reduces]) for j in jobs_to_assemble(state)]
-        for job_id, kind, reducers in jobs:
+            jobs = [(j.id, j.kind, [t.node for t in j.reduces], str(j.form.get("gateway", "")))
+                    for j in jobs_to_assemble(state)]
+        for job_id, kind, reducers, gateway in jobs:
             if job_id not in self.assembling:
                 self.assembling.add(job_id)
-                task = asyncio.create_task(self._assemble(job_id, kind, reducers, self.term))
+                task = asyncio.create_task(self._assemble(job_id, kind, reducers, gateway))
                 task.add_done_callback(lambda _, j=job_id: self.assembling.discard(j))
 
-    async def _assemble(self, job_id: str, kind: str, reducers: list[str], term: int) -> None:
-        node = self.node
+    async def _assemble(self, job_id: str, kind: str, reducers: list[str], gateway: str) -> None:
+        """Merge the reduce outputs into the result, store a second copy, record it."""
+        node, term = self.node, self.term
         try:
-            parts = await asyncio.gather(*(self._fetch_part(job_id, r, name) for r, name in enumerate(reducers)))
+            parts = await self._fetch_parts(job_id, reducers)
+            if parts is None:
+                return  # unreachable outputs are being redone
             result = node.spool.file(job_id, "result")
             stats = await node.run_in_pool(job_kind(kind).merge_outputs, [str(p) for p in parts], str(result))
             digest = await asyncio.to_thread(_sha256, result)
+            copies = await self._replicate(job_id, result, gateway)
             res = await node.propose({"op": "finish", "job": job_id, "term": term, "now": time.time(),
-                                      "result": {"holder": node.name, "size": stats["bytes"], "keys": stats["keys"],
-                                                 "sha256": digest}})
+                                      "result": {"holders": [node.name, *copies], "size": stats["bytes"],
+                                                 "keys": stats["keys"], "sha256": digest}})
             if res.get("ok"):
-                log.info("job %s done: %d distinct keys, %d bytes", job_id, stats["keys"], stats["bytes"])
+                log.info("job %s done: %d distinct keys, %d bytes, stored on %s", job_id, stats["keys"],
+                         stats["bytes"], ", ".join([node.name, *copies]))
         except (PdpError, OSError) as exc:
             log.warning("assembling job %s failed (will retry): %s", job_id, exc)
             await asyncio.sleep(1.0)
+
+    async def _fetch_parts(self, job_id: str, reducers: list[str]) -> list[Path] | None:
+        results = await asyncio.gather(*(self._fetch_part(job_id, r, name) for r, name in enumerate(reducers)),
+                                       return_exceptions=True)
+        missing: dict[str, list[int]] = {}
+        for r, (name, got) in enumerate(zip(reducers, results)):
+            if isinstance(got, BaseException):
+                if not isinstance(got, (PdpError, OSError)):
+                    raise got
+                log.warning("job %s: reduce %d output unreachable on %s: %s", job_id, r, name, got)
+                missing.setdefault(name, []).append(r)
+        for holder, indexes in missing.items():
+            await self.node.propose({"op": "redo", "job": job_id, "phase": "reduce", "holder": holder,
+                                     "indexes": indexes, "term": self.term})
+        return None if missing else [p for p in results if isinstance(p, Path)]
 
     async def _fetch_part(self, job_id: str, r: int, holder: str) -> Path:
         node = self.node
         if holder == node.name:
             return node.spool.file(job_id, f"reduce-{r}")
         dest = node.spool.file(job_id, f"part-{r}")
-        conn = await node.peers.get(node.member_addr(holder))
-        stream = conn.open_stream()
-        try:
-            await stream.send({"t": "fetch_file", "job": job_id, "name": f"reduce-{r}"})
-            await recv_file(stream, dest)
-        finally:
-            stream.close()
+        await node.fetch_file(node.member_addr(holder), job_id, f"reduce-{r}", dest)
         return dest
+
+    async def _replicate(self, job_id: str, path: Path, prefer: str) -> list[str]:
+        """Store a second copy of the result on another member (the job's gateway first)."""
+        c = self.node.consensus
+        assert c is not None
+        with c.reading() as state:
+            others = sorted((m for m in state.members.values() if m.name != self.node.name),
+                            key=lambda m: (m.name != prefer, m.name))
+        for member in others:
+            if self.health(member.name, time.monotonic())[0] not in ("alive", "suspected"):
+                continue
+            try:
+                await self.node.push_file(member.data_addr, {"t": "store_file", "job": job_id, "name": "result"}, path)
+                return [member.name]
+            except (PdpError, OSError) as exc:
+                log.warning("could not store a copy of %s's result on %s: %s", job_id, member.name, exc)
+        if others:
+            raise PdpError("no other member took a copy of the result")
+        return []
 
 
 def _assignment(members: dict[str, Any], job: Job, task: Task) -> dict[str, Any]:

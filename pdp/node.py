@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from pdp import wire
@@ -24,7 +25,7 @@ from pdp.consensus import Consensus, ConsensusError
 from pdp.errors import PdpError
 from pdp.split import aligned_bounds
 from pdp.spool import Spool
-from pdp.streams import send_file
+from pdp.streams import recv_file, send_file
 from pdp.transport import Connection, Handler, Peers, Stream, accept, split_addr
 
 log = logging.getLogger("pdp.node")
@@ -90,7 +91,8 @@ class Node:
             cfg.listen.rsplit(":", 1)[0], self.changes.notify,
         )
         self.master, self.worker, self.gateway = Master(self), Worker(self), Gateway(self)
-        self.handlers.update({"fetch_range": self._fetch_range, "fetch_file": self._fetch_file})
+        self.handlers.update({"fetch_range": self._fetch_range, "fetch_file": self._fetch_file,
+                              "store_file": self._store_file, "store_input": self._store_input})
         for part in (self.master, self.worker, self.gateway):
             self.handlers.update(part.handlers())
         host, port = split_addr(cfg.listen)
@@ -196,8 +198,42 @@ class Node:
     async def _fetch_file(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         path = self.spool.file(str(hdr["job"]), str(hdr["name"]))
         if not path.exists():
-            raise PdpError(f"{self.name} has no {hdr['name']} for job {hdr['job']}", )
+            raise PdpError(f"{self.name} has no {hdr['name']} for job {hdr['job']}")
         await send_file(stream, path)
+
+    async def _store_file(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Keep a copy of a job file another member sends (a result's second copy)."""
+        size = await recv_file(stream, self.spool.file(str(hdr["job"]), str(hdr["name"])))
+        await stream.send({"t": "stored", "size": size})
+
+    async def _store_input(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Keep the second copy of a job input, streamed by the gateway while it receives it."""
+        size = await recv_file(stream, self.spool.input(str(hdr["file"])), timeout=60.0)
+        await stream.send({"t": "stored", "size": size})
+
+    # -- outbound file transfers ------------------------------------------------------------
+
+    async def fetch_file(self, addr: str, job_id: str, name: str, dest: Path, timeout: float = 30.0) -> int:
+        """Copy spool file ``name`` of ``job_id`` from the member at ``addr`` into ``dest``."""
+        conn = await self.peers.get(addr)
+        stream = conn.open_stream()
+        try:
+            await stream.send({"t": "fetch_file", "job": job_id, "name": name})
+            return await recv_file(stream, dest, timeout)
+        finally:
+            stream.close()
+
+    async def push_file(self, addr: str, header: dict[str, Any], path: Path, timeout: float = 30.0) -> int:
+        """Send ``path`` to the member at ``addr`` under a store request; wait for its receipt."""
+        conn = await self.peers.get(addr)
+        stream = conn.open_stream()
+        try:
+            await stream.send(header)
+            await send_file(stream, path)
+            reply = await stream.recv(timeout)
+            return int(reply.header.get("size", 0))
+        finally:
+            stream.close()
 
 
 def run_node(config: NodeConfig) -> int:

@@ -9,6 +9,7 @@ Layout under ``<data-dir>/spool``::
     jobs/<job>/reduce-<r>       reduce r's output (sorted lines)
     jobs/<job>/part-<r>         the master's fetched copy of reduce-<r>
     jobs/<job>/result           the job's final output
+    jobs/<job>/progress-<slot>  bytes done by the task running in a slot
 
 Every name is built here from validated ids, so nothing from the wire picks a path.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 from pdp.errors import PdpError
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_NAME = re.compile(r"^(chunk-\d+|map-\d+-\d+|in-\d+-\d+|reduce-\d+|part-\d+|result)$")
+_NAME = re.compile(r"^(chunk-\d+|map-\d+-\d+|in-\d+-\d+|reduce-\d+|part-\d+|result|progress-\d+)$")
 
 
 def check_id(job_id: str) -> str:

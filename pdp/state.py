@@ -70,6 +70,8 @@ class Job:
     reduces: list[Task] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
     finished_at: float = 0.0
+    reruns: dict[str, int] = field(default_factory=dict)  # why tasks ran again -> how often
+    failures: dict[str, int] = field(default_factory=dict)  # "map 3" -> failed attempts
 
     def tasks(self, phase: str) -> list[Task]:
         return self.maps if phase == "map" else self.reduces
@@ -205,10 +207,82 @@ class State:
         return {"ok": True}
 
     def _advance(self, job: Job) -> None:
-        if job.state in ("queued", "mapping") and all(t.state == "done" for t in job.maps):
+        """Derive the phase of an active job from its tasks (it may also move back)."""
+        if not all(t.state == "done" for t in job.maps):
+            if job.state != "queued" or any(t.attempt for t in job.maps):
+                job.state = "mapping"
+        elif not all(t.state == "done" for t in job.reduces):
             job.state = "reducing"
-        if job.state == "reducing" and all(t.state == "done" for t in job.reduces):
+        else:
             job.state = "assembling"
+
+    def _rerun(self, job: Job, task: Task, reason: str) -> None:
+        task.state, task.node, task.stats = "pending", "", {}
+        job.reruns[reason] = job.reruns.get(reason, 0) + 1
+
+    def _release(self, c: Cmd) -> Result:
+        """A running attempt is given up (member lost, stalled, failed): the task runs again.
+
+        ``failed=True`` counts towards ``max_failures``; past it the job fails.
+        """
+        reason, attempt, failed = str(c["reason"])[:200], int(c["attempt"]), bool(c.get("failed"))
+        max_failures, now = int(c.get("max_failures", 0)), float(c["now"])
+        job, bad = self._check_order(c)
+        if job is None:
+            return bad or _err("unknown job")
+        task = self._task(job, c)
+        if task is None:
+            return _err(f"no task {c['phase']} {c['index']} in job {job.id}")
+        if task.state != "running" or task.attempt != attempt:
+            return _err(f"task {task.phase} {task.index} attempt {attempt} is not the running one", stale_attempt=True)
+        key = f"{task.phase} {task.index}"
+        if failed:
+            job.failures[key] = job.failures.get(key, 0) + 1
+            if max_failures and job.failures[key] >= max_failures:
+                job.state, job.finished_at = "failed", now
+                job.error = f"{key} failed {job.failures[key]} times; last: {c['reason']}"[:MAX_ERROR]
+                return {"ok": True, "job_failed": True}
+        self._rerun(job, task, reason.split(":")[0])
+        return {"ok": True}
+
+    def _lost(self, c: Cmd) -> Result:
+        """Member ``node`` is gone: its running tasks and the outputs it held run again.
+
+        Reduce outputs it held are redone; map outputs only while some reduce still needs
+        them (Google MapReduce: completed maps of a failed worker are reset).
+        """
+        name = str(c["node"])
+        job_count = 0
+        if int(c["term"]) != self.master["term"]:
+            return _err("order from an old term", stale=True)
+        for job in self.active_jobs():
+            before = sum(t.attempt for t in job.maps + job.reduces), job.state
+            for t in job.maps + job.reduces:
+                if t.node == name and (t.state == "running" or (t.phase == "reduce" and t.state == "done")):
+                    self._rerun(job, t, f"member {name} lost")
+            if not all(t.state == "done" for t in job.reduces):
+                for t in job.maps:
+                    if t.node == name and t.state == "done":
+                        self._rerun(job, t, f"map output lost with {name}")
+            self._advance(job)
+            job_count += (sum(t.attempt for t in job.maps + job.reduces), job.state) != before
+        return {"ok": True, "jobs": job_count}
+
+    def _redo(self, c: Cmd) -> Result:
+        """Outputs of done tasks could not be fetched from ``holder``: run those tasks again."""
+        holder, phase, indexes = str(c["holder"]), str(c["phase"]), [int(i) for i in c["indexes"]]
+        job, bad = self._check_order(c)
+        if job is None:
+            return bad or _err("unknown job")
+        if phase not in ("map", "reduce"):
+            return _err(f"unknown phase {phase!r}")
+        tasks, redone = job.tasks(phase), 0
+        for i in indexes:
+            if 0 <= i < len(tasks) and tasks[i].state == "done" and tasks[i].node == holder:
+                self._rerun(job, tasks[i], f"{phase} output unreachable on {holder}")
+                redone += 1
+        self._advance(job)
+        return {"ok": True, "redone": redone}
 
     def _fail(self, c: Cmd) -> Result:
         now, error = float(c["now"]), str(c["error"])[:MAX_ERROR]
@@ -251,4 +325,7 @@ _HANDLERS = {
     "fail": State._fail,
     "finish": State._finish,
     "batch": State._batch,
+    "release": State._release,
+    "lost": State._lost,
+    "redo": State._redo,
 }

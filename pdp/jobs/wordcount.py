@@ -42,6 +42,7 @@ import msgpack
 
 from pdp.errors import InputError
 from pdp.fsutil import atomic_write, atomic_writer
+from pdp.progress import report
 
 _LETTERS = frozenset(string.ascii_letters.encode())
 # Keep ASCII letters and every byte >= 0x80; every other ASCII byte becomes a space.
@@ -129,11 +130,14 @@ def _pieces(path: str, start: int, end: int, piece: int) -> Iterable[tuple[int, 
             yield pos, carry
 
 
-def count_file_range(path: str, start: int, end: int, piece: int = _PIECE) -> Counter[bytes]:
+def count_file_range(
+    path: str, start: int, end: int, piece: int = _PIECE, progress: str | None = None
+) -> Counter[bytes]:
     """Count the words in bytes ``[start, end)`` of ``path``, reading about ``piece`` bytes at a time.
 
     Pieces end just after an ASCII non-letter byte, so no word and no UTF-8
-    sequence is split. InvalidUtf8.offset is absolute in the file.
+    sequence is split. InvalidUtf8.offset is absolute in the file. With ``progress``, the
+    bytes counted so far are recorded there after every piece (see :mod:`pdp.progress`).
     """
     if piece < 1:
         raise ValueError(f"piece must be >= 1, got {piece}")
@@ -143,6 +147,7 @@ def count_file_range(path: str, start: int, end: int, piece: int = _PIECE) -> Co
             total.update(count_words(data))
         except InvalidUtf8 as e:
             raise InvalidUtf8(pos + e.offset, path) from None
+        report(progress, pos + len(data) - start)
     return total
 
 
@@ -151,11 +156,13 @@ def partition_of(word: bytes, n: int) -> int:
     return zlib.crc32(word) % n
 
 
-def map_range(path: str, start: int, end: int, n_reduce: int, out_paths: list[str]) -> dict:
+def map_range(
+    path: str, start: int, end: int, n_reduce: int, out_paths: list[str], progress: str | None = None
+) -> dict:
     """Count bytes ``[start, end)`` of ``path`` and write ``n_reduce`` msgpack partition files."""
     if n_reduce < 1 or len(out_paths) != n_reduce:
         raise ValueError(f"need n_reduce >= 1 and one output path per partition, got {n_reduce} and {len(out_paths)}")
-    counts = count_file_range(path, start, end)
+    counts = count_file_range(path, start, end, progress=progress)
     parts: list[dict[bytes, int]] = [{} for _ in range(n_reduce)]
     for word, n in counts.items():
         parts[partition_of(word, n_reduce)][word] = n
