@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pdp.client import Client, new_job_id
+from pdp.client import Client, new_job_id, run_job
 from pdp.config import default_key_file, load_config, load_key, write_key
 from pdp.errors import PdpError
 
@@ -138,16 +138,16 @@ def submit(
 
 async def _submit(addr: str, key: bytes, kind: str, inputs: list[Path], job_id: str, out: Path, comment: str,
                   data_type: str, detach: bool, as_json: bool) -> dict[str, Any]:
-    async with Client(addr, key) as client:
-        ack = await client.submit(kind, inputs, job_id, comment=comment, data_type=data_type, output=str(out))
-        if detach:
-            return {"id": job_id, "accepted": True, "dup": ack.get("dup", False)}
-        with _progress_view(job_id, quiet=as_json) as show:
-            summary = await client.wait(job_id, show)
-        head = await client.fetch_result(job_id, out)
-        return {"id": job_id, "output": str(out), "size": head["size"], "keys": head.get("keys"),
-                "sha256": head["sha256"], "done_on": summary["done_on"],
-                "seconds": round(summary["finished_at"] - summary["submitted_at"], 3)}
+    form = {"comment": comment, "data_type": data_type, "output": str(out)}
+    if detach:
+        async with Client(addr, key) as client:
+            ack = await client.submit(kind, inputs, job_id, **form)
+        return {"id": job_id, "accepted": True, "dup": ack.get("dup", False)}
+    with _progress_view(job_id, quiet=as_json) as show:
+        summary, head = await run_job([addr], key, kind, inputs, job_id, out, show, **form)
+    return {"id": job_id, "output": str(out), "size": head["size"], "keys": head.get("keys"),
+            "sha256": head["sha256"], "done_on": summary["done_on"], "reruns": summary.get("reruns", {}),
+            "seconds": round(summary["finished_at"] - summary["submitted_at"], 3)}
 
 
 class _progress_view:
@@ -169,6 +169,8 @@ class _progress_view:
         return self
 
     def __call__(self, p: dict[str, Any]) -> None:
+        if p.get("t") not in ("progress", "done"):
+            return
         nodes = ", ".join(p.get("nodes_at_work", []))
         if self.bar is not None:
             self.bar.update(self.maps, total=p["maps"], completed=p["maps_done"], nodes=nodes if p["state"] == "mapping" else "")

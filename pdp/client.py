@@ -7,6 +7,7 @@ written atomically (temp file, fsync, rename) and checked against the party's SH
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import hashlib
 import os
@@ -17,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pdp.errors import InputError, PdpError, ProtocolError
+from pdp.errors import InputError, PdpError, ProtocolError, RemoteError
 from pdp.fsutil import atomic_writer
 from pdp.streams import BLOCK
-from pdp.transport import Connection, dial
+from pdp.transport import Connection, ConnectionLost, dial
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -89,7 +90,7 @@ class Client:
         try:
             await stream.send({"t": "wait", "id": job_id})
             while True:
-                frame = await stream.recv(timeout=None)
+                frame = await stream.recv(timeout=20.0)  # the gateway speaks every 5 s
                 if on_progress is not None:
                     on_progress(frame.header)
                 if frame.header["t"] == "done":
@@ -132,3 +133,76 @@ async def _upload(stream: Any, path: Path, size: int) -> None:
     if sent != size:
         raise InputError(f"input {path} changed while it was being sent ({size} -> {sent} bytes)")
     await stream.send({"t": "end"})
+
+
+class Failover:
+    """Carry a job through the loss of the member we talk to: try the next one.
+
+    ``addrs`` starts with the node the user named; the gateway's acknowledgement adds every
+    member. Retries are safe: the job id makes submit idempotent, wait and result are reads.
+    """
+
+    def __init__(self, addrs: list[str], key: bytes, patience: float = 120.0) -> None:
+        self.addrs = list(dict.fromkeys(addrs))
+        self.key = key
+        self.patience = patience
+        self.current = 0
+
+    def learn(self, members: list[str]) -> None:
+        self.addrs.extend(a for a in members if a not in self.addrs)
+
+    async def run(self, op: Callable[[Client], Any], what: str) -> Any:
+        """Run ``op`` against a member; on a lost connection move on to the next, with backoff."""
+        deadline = time.monotonic() + self.patience
+        delay, errors = 0.2, []
+        while True:
+            addr = self.addrs[self.current % len(self.addrs)]
+            try:
+                async with Client(addr, self.key) as client:
+                    return await op(client)
+            except (ConnectionLost, RetryLater) as exc:
+                errors.append(f"{addr}: {exc}")
+            except RemoteError as exc:
+                if not _transient(exc):
+                    raise
+                errors.append(f"{addr}: {exc}")
+            if time.monotonic() > deadline:
+                raise PdpError(f"could not {what} through any member in {self.patience:g} s: {'; '.join(errors[-3:])}")
+            self.current += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+class RetryLater(PdpError):
+    """The member answered but could not help now (no leader yet, ...)."""
+
+
+def _transient(exc: RemoteError) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("could not commit", "no leader", "not the master", "connection lost",
+                                   "no answer within", "no member holding"))
+
+
+async def run_job(
+    addrs: list[str], key: bytes, kind: str, inputs: list[Path], job_id: str, out: Path,
+    on_progress: Progress | None = None, **form: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Submit, wait and fetch the result, surviving the loss of any one member."""
+    party = Failover(addrs, key)
+
+    async def submit(c: Client) -> dict[str, Any]:
+        return await c.submit(kind, inputs, job_id, **form)
+
+    ack = await party.run(submit, f"submit {job_id}")
+    party.learn(list(ack.get("members") or []))
+
+    async def wait(c: Client) -> dict[str, Any]:
+        return await c.wait(job_id, on_progress)
+
+    summary = await party.run(wait, f"follow {job_id}")
+
+    async def fetch(c: Client) -> dict[str, Any]:
+        return await c.fetch_result(job_id, out)
+
+    head = await party.run(fetch, f"fetch the result of {job_id}")
+    return summary, head

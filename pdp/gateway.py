@@ -9,10 +9,13 @@ holds it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import zlib
 from typing import TYPE_CHECKING, Any
 
+from pdp.consensus import ConsensusError
 from pdp.errors import InputError, PdpError, ProtocolError
 from pdp.fsutil import atomic_writer
 from pdp.jobs import KINDS
@@ -28,6 +31,7 @@ log = logging.getLogger("pdp.gateway")
 
 MAX_INPUTS = 1000
 MAX_REDUCES = 64
+KEEPALIVE = 5.0  # a waiting client hears from its gateway at least this often
 
 
 class Gateway:
@@ -46,6 +50,7 @@ class Gateway:
     # -- submit -------------------------------------------------------------------------
 
     async def _submit(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Store the inputs here and on a second member, commit the job, then acknowledge."""
         job_id = check_id(str(hdr["id"]))
         kind = str(hdr["kind"])
         if kind not in KINDS:
@@ -54,25 +59,84 @@ class Gateway:
         if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_INPUTS:
             raise InputError(f"a job takes 1 to {MAX_INPUTS} inputs")
         if self._job(job_id) is not None:  # a retried submit: the job already exists
-            await stream.send({"t": "accepted", "id": job_id, "dup": True})
+            await stream.send({"t": "accepted", "id": job_id, "dup": True, "members": self._member_addrs()})
             return
         await stream.send({"t": "go"})
         stored = []
         for k, inp in enumerate(inputs):
             file_id = f"{job_id}-{k}"
-            size = await self._receive_input(stream, file_id, int(inp["size"]))
+            mirror = await self._open_mirror(file_id)
+            size, mirrored = await self._receive_input(stream, file_id, int(inp["size"]), mirror)
+            copies = [mirror[0]] if mirror and mirrored else await self._second_copy(file_id, exclude=mirror)
             stored.append({"name": str(inp["name"])[:4096], "size": size, "file_id": file_id,
-                           "holders": [self.node.name]})
+                           "holders": [self.node.name, *copies]})
         cmd = self._submit_cmd(job_id, kind, hdr, stored)
-        res = await self.node.propose(cmd, timeout=10.0)
+        res = await self._commit(cmd)
+        log.info("job %s accepted: %s of %d input(s), %d bytes, from %s, inputs on %s", job_id, kind, len(stored),
+                 cmd["form"]["size"], cmd["form"]["submitter"], ", ".join(stored[0]["holders"]))
+        await stream.send({"t": "accepted", "id": job_id, "dup": bool(res.get("dup")),
+                           "members": self._member_addrs()})
+
+    async def _commit(self, cmd: dict[str, Any], patience: float = 30.0) -> dict[str, Any]:
+        """Commit a submit, retrying through an election (the submit is idempotent)."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                res = await self.node.propose(cmd, timeout=5.0)
+                break
+            except ConsensusError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
         if not res.get("ok"):
             raise PdpError(f"the party refused the job: {res.get('error')}")
-        log.info("job %s accepted: %s of %d input(s), %d bytes, from %s", job_id, kind, len(stored),
-                 cmd["form"]["size"], cmd["form"]["submitter"])
-        await stream.send({"t": "accepted", "id": job_id, "dup": bool(res.get("dup"))})
+        return res
 
-    async def _receive_input(self, stream: Stream, file_id: str, declared: int) -> int:
-        size = 0
+    def _member_addrs(self) -> list[str]:
+        """Every member's address, so a client can carry on through another one."""
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            return sorted(m.data_addr for m in state.members.values())
+
+    def _replica_order(self, file_id: str) -> list[tuple[str, str]]:
+        """Other members, in an order that spreads second copies over the party."""
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            others = [(m.name, m.data_addr) for m in state.members.values() if m.name != self.node.name]
+        return sorted(others, key=lambda m: zlib.crc32(f"{file_id}/{m[0]}".encode()))
+
+    async def _open_mirror(self, file_id: str) -> tuple[str, Stream] | None:
+        """A store stream to a second member, fed while the input arrives (no second pass)."""
+        for name, addr in self._replica_order(file_id):
+            try:
+                conn = await self.node.peers.get(addr, timeout=3.0)
+                mirror = conn.open_stream()
+                await mirror.send({"t": "store_input", "file": file_id})
+                return name, mirror
+            except (PdpError, OSError) as exc:
+                log.warning("cannot mirror input %s to %s: %s", file_id, name, exc)
+        return None
+
+    async def _second_copy(self, file_id: str, exclude: tuple[str, Stream] | None) -> list[str]:
+        """The mirror failed: push the stored input to another member afterwards."""
+        if exclude is not None:
+            exclude[1].close()
+        candidates = [m for m in self._replica_order(file_id) if exclude is None or m[0] != exclude[0]]
+        for name, addr in candidates:
+            try:
+                await self.node.push_file(addr, {"t": "store_input", "file": file_id}, self.node.spool.input(file_id))
+                return [name]
+            except (PdpError, OSError) as exc:
+                log.warning("cannot store a second copy of %s on %s: %s", file_id, name, exc)
+        if candidates or exclude is not None:
+            raise PdpError("no other member could store a second copy of the input; is the party up? (pdp status)")
+        return []  # a party of one
+
+    async def _receive_input(
+        self, stream: Stream, file_id: str, declared: int, mirror: tuple[str, Stream] | None
+    ) -> tuple[int, bool]:
+        """Write the input to the spool (and the mirror); returns (size, mirrored completely)."""
+        size, mirrored = 0, mirror is not None
         with atomic_writer(self.node.spool.input(file_id)) as f:
             while True:
                 frame = await stream.recv(60.0)
@@ -84,9 +148,13 @@ class Gateway:
                 size += len(frame.payload)
                 if size > declared:
                     raise InputError(f"input {file_id} is larger than the declared {declared} bytes (did it change?)")
+                if mirrored and mirror is not None:
+                    mirrored = await _forward(mirror, {"t": "data"}, frame.payload)
         if size != declared:
             raise InputError(f"input {file_id}: got {size} bytes, declared {declared} (did the file change?)")
-        return size
+        if mirrored and mirror is not None:
+            mirrored = await _forward(mirror, {"t": "end", "size": size}, b"") and await _stored(mirror)
+        return size, mirrored
 
     def _submit_cmd(self, job_id: str, kind: str, hdr: dict[str, Any], stored: list[dict[str, Any]]) -> dict[str, Any]:
         cfg = self.node.config
@@ -114,6 +182,7 @@ class Gateway:
         """Stream ``progress`` frames until the job ends, then ``done`` (or an error)."""
         job_id = check_id(str(hdr["id"]))
         last: dict[str, Any] | None = None
+        sent = 0.0
         while True:
             job = self._job(job_id)
             if job is None:
@@ -124,9 +193,9 @@ class Gateway:
             if job.state == "done":
                 await stream.send({"t": "done", **summary})
                 return
-            if summary != last:
+            if summary != last or time.monotonic() - sent > KEEPALIVE:
                 await stream.send({"t": "progress", **summary})
-                last = summary
+                last, sent = summary, time.monotonic()
             await self.node.changes.wait(1.0)
 
     async def _result(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
@@ -199,6 +268,26 @@ class Gateway:
         await stream.send({"t": "jobs", "jobs": jobs})
 
 
+async def _forward(mirror: tuple[str, Stream], header: dict[str, Any], payload: bytes) -> bool:
+    try:
+        await mirror[1].send(header, payload)
+        return True
+    except (PdpError, OSError) as exc:
+        log.warning("mirroring to %s failed: %s", mirror[0], exc)
+        return False
+
+
+async def _stored(mirror: tuple[str, Stream]) -> bool:
+    try:
+        reply = await mirror[1].recv(30.0)
+        return reply.header["t"] == "stored"
+    except (PdpError, OSError) as exc:
+        log.warning("mirroring to %s failed: %s", mirror[0], exc)
+        return False
+    finally:
+        mirror[1].close()
+
+
 def job_summary(job: Job) -> dict[str, Any]:
     """A job as clients see it: the form, the phase, task counts and where work runs."""
     running = sorted({t.node for t in job.maps + job.reduces if t.state == "running"})
@@ -208,4 +297,4 @@ def job_summary(job: Job) -> dict[str, Any]:
             done_on[t.node] = done_on.get(t.node, 0) + 1
     return {"id": job.id, "kind": job.kind, "state": job.state, "error": job.error, "form": job.form,
             "submitted_at": job.submitted_at, "finished_at": job.finished_at, **job.counts(),
-            "nodes_at_work": running, "done_on": done_on, "result": job.result}
+            "nodes_at_work": running, "done_on": done_on, "result": job.result, "reruns": dict(job.reruns)}
