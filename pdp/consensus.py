@@ -93,6 +93,51 @@ class _TruncationCounter(logging.Handler):
             self.count += 1
 
 
+class _DivergenceWatch:
+    """Wraps pysyncobj's journal to tell a harmless truncation from a real divergence.
+
+    pysyncobj's follower deletes every entry after ``prevLogIdx`` whenever the leader
+    resends from further back (a late ack, a restarted member), then appends the leader's
+    entries, and logs CRITICAL if applied entries were among the deleted ones. Raft says
+    committed entries never change, so when the re-appended entry at the same index has
+    the same term and command nothing diverged; only a different one is a real divergence.
+    """
+
+    def __init__(self, journal: Any, last_applied: Callable[[], int]) -> None:
+        self._journal = journal
+        self._last_applied = last_applied
+        self._deleted: dict[int, tuple[Any, int]] = {}
+        self.diverged = 0
+
+    def deleteEntriesFrom(self, position: int) -> None:  # noqa: N802 (pysyncobj's name)
+        applied = self._last_applied()
+        for command, idx, term in self._journal[position:]:
+            if idx <= applied:
+                self._deleted[idx] = (command, term)
+        self._journal.deleteEntriesFrom(position)
+
+    def add(self, command: Any, idx: int, term: int) -> None:
+        before = self._deleted.pop(idx, None)
+        if before is not None and before != (command, term):
+            self.diverged += 1
+            log.critical("raft log entry %d was applied here and then replaced by a different one: this member's "
+                         "state diverged; stop it, delete its data dir's raft/ and restart it", idx)
+        self._journal.add(command, idx, term)
+
+    def clear(self) -> None:
+        self._deleted.clear()
+        self._journal.clear()
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._journal[item]
+
+    def __len__(self) -> int:
+        return len(self._journal)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._journal, name)
+
+
 class Consensus:
     """A Raft member. Construct on the main thread, inside the running event loop."""
 
@@ -129,6 +174,9 @@ class Consensus:
         )
         self.self_addr = self_addr
         self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf, consumers=[self.replica])
+        journal = self._sync._SyncObj__raftLog  # type: ignore[attr-defined]
+        self.divergence = _DivergenceWatch(journal, lambda: int(self._sync.raftLastApplied))
+        self._sync._SyncObj__raftLog = self.divergence  # type: ignore[attr-defined]
 
     def _notify(self) -> None:
         if not self._loop.is_closed():
@@ -176,7 +224,8 @@ class Consensus:
             "commit_idx": int(status["commit_idx"]),
             "last_applied": int(status["last_applied"]),
             "log_len": int(status["log_len"]),
-            "truncations": self.truncations.count,
+            "truncations": self.truncations.count,  # pysyncobj's CRITICAL lines (harmless when re-appended equal)
+            "diverged": self.divergence.diverged,  # applied entries replaced by different ones: must stay 0
         }
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pdp.consensus import ConsensusError
 from pdp.errors import InputError, PdpError, ProtocolError
 from pdp.fsutil import atomic_writer
-from pdp.jobs import KINDS
+from pdp.jobs import job_kind
 from pdp.spool import check_id
 from pdp.state import ACTIVE, Job
 from pdp.streams import relay, send_file
@@ -53,8 +53,7 @@ class Gateway:
         """Store the inputs here and on a second member, commit the job, then acknowledge."""
         job_id = check_id(str(hdr["id"]))
         kind = str(hdr["kind"])
-        if kind not in KINDS:
-            raise InputError(f"unknown job kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        job_kind(kind)  # an unknown kind is refused before any upload
         inputs = hdr["inputs"]
         if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_INPUTS:
             raise InputError(f"a job takes 1 to {MAX_INPUTS} inputs")

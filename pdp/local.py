@@ -39,11 +39,21 @@ def free_port_pair() -> int:
 
 
 class LocalParty:
-    def __init__(self, root: Path, n: int = 3, cpus: int = 1, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        n: int = 3,
+        cpus: int = 1,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        settings: dict[str, float] | None = None,
+    ) -> None:
         self.root = root
         self.n = n
         self.cpus = cpus
         self.extra = extra
+        self.env = {**os.environ, **(env or {})}
+        self.settings = settings or {}
         self.key_file = root / "party.key"
         self.names = [f"node{i + 1}" for i in range(n)]
         self.ports: list[int] = []
@@ -64,6 +74,10 @@ class LocalParty:
             port = free_port_pair()
             if all(abs(port - p) > 1 for p in self.ports):
                 self.ports.append(port)
+        if self.settings:
+            lines = ["[node]", *(f"{k} = {v!r}" for k, v in self.settings.items())]
+            (self.root / "node.toml").write_text("\n".join(lines) + "\n")
+            self.extra = (*self.extra, "--config", str(self.root / "node.toml"))
         for i in range(self.n):
             self.start_node(i)
 
@@ -73,8 +87,23 @@ class LocalParty:
                 "--data-dir", str(self.root / name), "--key-file", str(self.key_file), "--cpus", str(self.cpus),
                 *[a for j in range(self.n) if j != i for a in ("--peer", self.addr(j))], *self.extra]
         log = open(self.root / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=self.env)
         log.close()
+
+    def pid(self, i: int) -> int:
+        return self.procs[self.names[i]].pid
+
+    def alive(self, i: int) -> bool:
+        proc = self.procs.get(self.names[i])
+        return proc is not None and proc.poll() is None
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node i and reap it."""
+        proc = self.procs[self.names[i]]
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
     def signal(self, i: int, sig: int) -> None:
         proc = self.procs.get(self.names[i])
@@ -105,7 +134,7 @@ class LocalParty:
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
-            if proc.poll() is not None:
+            if proc.poll() is not None and proc.returncode != -signal.SIGKILL:
                 tail = (self.root / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise PdpError(f"{name} exited with code {proc.returncode}:\n{tail}")
 

@@ -149,3 +149,20 @@ def test_garbage_on_the_data_port_is_dropped(party: LocalParty) -> None:
 
     assert asyncio.run(garbage()) == b""  # dropped without an answer
     assert len(_statuses(party)) == party.n
+
+
+def test_no_raft_log_truncation_under_load(party: LocalParty, corpus: list[Path], tmp_path: Path) -> None:
+    """pdp's own load (many small jobs at once, through every member) never makes pysyncobj
+    truncate applied log entries (guide: a known fault under heavy load)."""
+    async def burst() -> None:
+        async def one(k: int) -> None:
+            await _run_job(party, k % party.n, [corpus[k % len(corpus)]], f"burst-{k}", tmp_path / f"b{k}.tsv",
+                           chunk_size=64 * 1024, reduces=2)
+
+        await asyncio.gather(*(one(k) for k in range(12)))
+
+    asyncio.run(burst())
+    for k in range(12):
+        assert (tmp_path / f"b{k}.tsv").read_bytes() == oracle([str(corpus[k % len(corpus)])])
+    for v in _statuses(party):
+        assert v["raft"]["truncations"] == 0 and v["raft"]["diverged"] == 0

@@ -1,25 +1,34 @@
 """Job kinds: each kind is a module with map, reduce, merge and a sequential oracle.
 
 The functions run inside a node's process pool, so they take file paths (never bulk bytes
-through a pipe) and return small, msgpack-able dicts of statistics.
+through a pipe) and return small, msgpack-able dicts of statistics. A kind module exposes
+``map_range``, ``reduce_partitions``, ``merge_outputs``, ``oracle`` and ``InvalidUtf8``.
 """
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
-from pdp.errors import PdpError
+from pdp.errors import InputError
+
+
+def kinds() -> dict[str, ModuleType]:
+    """The job kinds this process runs (test-only kinds need PDP_TEST_KINDS=1)."""
+    from pdp.jobs import wordcount
+
+    known = {"wordcount": wordcount}
+    if os.environ.get("PDP_TEST_KINDS") == "1":
+        from pdp.jobs import chaos
+
+        known["chaos"] = chaos
+    return known
 
 
 def job_kind(name: str) -> ModuleType:
-    """Return the module implementing job kind ``name`` or raise a PdpError naming the known ones."""
-    from pdp.jobs import wordcount
-
-    kinds = {"wordcount": wordcount}
+    """Return the module implementing job kind ``name`` or raise an error naming the known ones."""
+    known = kinds()
     try:
-        return kinds[name]
+        return known[name]
     except KeyError:
-        raise PdpError(f"unknown job kind {name!r}; known kinds: {', '.join(sorted(kinds))}") from None
-
-
-KINDS = ("wordcount",)
+        raise InputError(f"unknown job kind {name!r}; known kinds: {', '.join(sorted(known))}") from None

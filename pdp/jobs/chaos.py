@@ -1,0 +1,53 @@
+"""Test-only job kind ``chaos``: word count whose task calls misbehave on purpose.
+
+Enabled only on nodes started with ``PDP_TEST_KINDS=1``. The behaviour comes from the
+node's environment, ``PDP_CHAOS`` (comma-separated ``key=value``):
+
+- ``crash=P``: a map or reduce call kills its process with probability P;
+- ``stall=P`` and ``stall_max=S``: with probability P it sleeps up to S seconds first;
+- ``sleep=S``: every call sleeps S seconds first (slow, predictable tasks for fault tests).
+
+MIT 6.824's crash test is ``crash=0.33,stall=0.33,stall_max=10``. Outputs are those of
+word count whatever happens, so the sequential oracle still judges the result.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+from pdp.jobs import wordcount
+from pdp.jobs.wordcount import InvalidUtf8, merge_outputs, oracle
+
+__all__ = ["InvalidUtf8", "map_range", "merge_outputs", "oracle", "reduce_partitions"]
+
+
+def _settings() -> dict[str, float]:
+    out = {}
+    for item in os.environ.get("PDP_CHAOS", "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip():
+            out[key.strip()] = float(value)
+    return out
+
+
+def _misbehave() -> None:
+    cfg = _settings()
+    time.sleep(cfg.get("sleep", 0.0))
+    r = random.random()
+    if r < cfg.get("crash", 0.0):
+        os._exit(17)
+    if r < cfg.get("crash", 0.0) + cfg.get("stall", 0.0):
+        time.sleep(random.uniform(0, cfg.get("stall_max", 10.0)))
+
+
+def map_range(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    _misbehave()
+    return wordcount.map_range(*args, **kwargs)
+
+
+def reduce_partitions(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    _misbehave()
+    return wordcount.reduce_partitions(*args, **kwargs)
