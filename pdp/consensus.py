@@ -138,6 +138,34 @@ class _DivergenceWatch:
         return getattr(self._journal, name)
 
 
+def _keep_next_index_monotonic(sync: SyncObj) -> None:
+    """Stop a late acknowledgement from moving the leader's next index backwards.
+
+    pysyncobj 0.3.17's leader sets ``nextIndex = ack + 1`` on every successful ack, also
+    when it has already sent further (it advances ``nextIndex`` as it sends). A late ack
+    then makes it resend entries the follower holds, and the follower truncates applied
+    entries to re-append them (the CRITICAL "truncating already-applied log entries" of
+    guide §3). Here a success ack may only move it forward; a follower that really lacks
+    entries answers ``reset``, which still moves it back.
+    """
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    handler = transport._onMessageReceivedCallback
+
+    def on_message(node: Any, message: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == "next_node_idx" and message.get("success") \
+                and not message.get("reset"):
+            next_index = sync._SyncObj__raftNextIndex  # type: ignore[attr-defined]
+            before = next_index.get(node)
+            handler(node, message)
+            after = next_index.get(node)
+            if before is not None and after is not None and after < before:
+                next_index[node] = before
+        else:
+            handler(node, message)
+
+    transport.setOnMessageReceivedCallback(on_message)
+
+
 class Consensus:
     """A Raft member. Construct on the main thread, inside the running event loop."""
 
@@ -174,6 +202,7 @@ class Consensus:
         )
         self.self_addr = self_addr
         self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf, consumers=[self.replica])
+        _keep_next_index_monotonic(self._sync)
         journal = self._sync._SyncObj__raftLog  # type: ignore[attr-defined]
         self.divergence = _DivergenceWatch(journal, lambda: int(self._sync.raftLastApplied))
         self._sync._SyncObj__raftLog = self.divergence  # type: ignore[attr-defined]
