@@ -118,7 +118,7 @@ class Node:
             for conn in list(self.connections):
                 conn.close()
             self.peers.close()
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            _stop_pool(self.pool)
             self.consensus.close()
         return self.exit_code
 
@@ -170,13 +170,13 @@ class Node:
             raise PdpError(f"unknown member {name!r}")
         return member.data_addr
 
-    def restart_pool(self) -> None:
-        """Replace a broken pool (a task process died) with a fresh one."""
-        old = self.pool
+    async def restart_pool(self, broken: ProcessPoolExecutor | None) -> None:
+        """Replace a broken pool (a task process died) with a fresh one, once."""
+        if broken is None or broken is not self.pool:
+            return  # another slot already replaced it
         self.pool = ProcessPoolExecutor(self.config.cpus, mp_context=multiprocessing.get_context("spawn"))
-        if old is not None:
-            old.shutdown(wait=False, cancel_futures=True)
         log.warning("task pool restarted after a task process died")
+        await asyncio.to_thread(broken.shutdown, wait=True, cancel_futures=True)
 
     async def run_in_pool(self, fn: Any, *args: Any) -> Any:
         assert self.pool is not None
@@ -234,6 +234,14 @@ class Node:
             return int(reply.header.get("size", 0))
         finally:
             stream.close()
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop the task processes now (a running task is abandoned: its lease runs out and
+    another member runs it) and join the pool, so nothing is left half-closed at exit."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_node(config: NodeConfig) -> int:

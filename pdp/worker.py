@@ -111,6 +111,7 @@ class Worker:
 
     async def _run(self, task: dict[str, Any], progress: str) -> None:
         t0 = time.monotonic()
+        pool = self.node.pool
         ident = {"job": task["job"], "phase": task["phase"], "index": task["index"], "attempt": task["attempt"],
                  "node": self.node.name}
         try:
@@ -127,7 +128,7 @@ class Worker:
         except (PdpError, OSError, BrokenProcessPool) as exc:
             if isinstance(exc, BrokenProcessPool):
                 exc = PdpError("the task process died")
-                self.node.restart_pool()
+                await self.node.restart_pool(pool)
             log.warning("%s %s of %s failed here: %s", task["phase"], task["index"], task["job"], exc)
             await self._report({"t": "task_failed", **ident, "retry": True, "error": str(exc)})
             return
