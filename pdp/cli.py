@@ -201,15 +201,32 @@ def status(
         print(json.dumps(st, indent=2))
         return
     con = Console()
+    raft = st["raft"]
     con.print(f"node [bold]{st['node']}[/bold]; leader [bold]{st['leader'] or 'none'}[/bold], term {st['term']}; "
-              f"jobs: {st['jobs']}; raft log truncations: {st['raft']['truncations']}")
-    table = Table("member", "data address", "cpus", "last heartbeat", "current tasks")
+              f"jobs: {st['jobs']}", highlight=False)
+    con.print(f"raft: commit {raft['commit_idx']}, applied {raft['last_applied']}, truncations of applied entries "
+              f"{raft['truncations']}, diverged {raft['diverged']}", highlight=False)
+    if st["reruns"]:
+        con.print("tasks re-run: " + ", ".join(f"{n}× {why}" for why, n in sorted(st["reruns"].items())),
+                  highlight=False)
+    table = Table("member", "health", "data address", "cpus", "last heartbeat", "current tasks (progress)")
+    colors = {"alive": "green", "suspected": "yellow", "dead": "red"}
     for m in st["members"]:
         age = "never" if m["heartbeat_age"] is None else f"{m['heartbeat_age']:.1f} s ago"
-        tasks = ", ".join(f"{t['job']} {t['phase']} {t['index']}" for t in m["tasks"]) or "-"
-        table.add_row(m["name"] + (" (leader)" if m["name"] == st["leader"] else ""), m["data_addr"],
-                      str(m["cpus"]), age, tasks)
+        tasks = ", ".join(f"{t['job']} {t['phase']} {t['index']} ({_size(t.get('progress', 0))})"
+                          for t in m["tasks"]) or "-"
+        health = m["health"]
+        table.add_row(m["name"] + (" (leader)" if m["name"] == st["leader"] else ""),
+                      f"[{colors.get(health, 'white')}]{health}[/]", m["data_addr"], str(m["cpus"]), age, tasks)
     con.print(table)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 @app.command()

@@ -45,8 +45,8 @@ class NodeConfig:
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)  # size of the task pool
     chunk_mb: float = 8.0  # map chunk size for jobs submitted through this node
     reduces: int = 0  # reduce tasks per job submitted here; 0 = one per task slot in the party, at most 16
-    heartbeat: float = 1.0  # seconds between a worker's heartbeats to the master
-    dead_after: float = 3.0  # a member silent this long is lost: its tasks run elsewhere
+    heartbeat: float = 0.5  # seconds between a worker's heartbeats to the master
+    dead_after: float = 2.5  # a member silent this long is lost: its tasks run elsewhere
     stall_after: float = 30.0  # a task without progress this long runs again elsewhere
     max_failures: int = 10  # a task that fails this often fails its job
 

@@ -43,8 +43,8 @@ class ConsensusError(PdpError):
 @dataclass(frozen=True)
 class RaftTuning:
     append_period: float = 0.05
-    election_min: float = 0.6
-    election_max: float = 1.2
+    election_min: float = 0.4
+    election_max: float = 0.9
     fallback: float = 1.5
     connection_timeout: float = 2.0
     retry: float = 0.5

@@ -239,15 +239,21 @@ class Gateway:
                        for m in state.members.values()}
             jobs = {s: sum(j.state == s for j in state.jobs.values()) for s in ("queued", "running", "done", "failed")}
             jobs["running"] = sum(j.state in ACTIVE[1:] for j in state.jobs.values())
+            reruns: dict[str, int] = {}
+            for j in state.jobs.values():
+                for why, n in j.reruns.items():
+                    reruns[why] = reruns.get(why, 0) + n
         live = await self._live_view(master)
         for name, m in members.items():
-            seen = live.get(name)
-            m["heartbeat_age"] = None if seen is None else seen["age"]
-            m["tasks"] = [] if seen is None else seen["tasks"]
+            seen = live.get(name) or {}
+            m["health"] = seen.get("health", "unknown")
+            m["heartbeat_age"] = seen.get("age")
+            m["tasks"] = seen.get("tasks", [])
         leader = master["name"] if master["term"] == raft["term"] and master["name"] else None
         await stream.send({"t": "status", "node": node.name, "leader": leader, "term": raft["term"],
                            "is_leader": node.master.is_master(), "raft": raft,
-                           "members": sorted(members.values(), key=lambda m: m["name"]), "jobs": jobs})
+                           "members": sorted(members.values(), key=lambda m: m["name"]), "jobs": jobs,
+                           "reruns": reruns})
 
     async def _live_view(self, master: dict[str, Any]) -> dict[str, Any]:
         if not master["name"]:

@@ -28,7 +28,7 @@ from pdp.errors import PdpError
 from pdp.jobs import job_kind
 from pdp.scheduler import TaskKey, jobs_to_assemble, pick_task
 from pdp.state import Job, Task
-from pdp.transport import Handler, Stream
+from pdp.transport import Handler, Stream, split_addr
 
 if TYPE_CHECKING:
     from pdp.node import Node
@@ -53,6 +53,7 @@ class Master:
         self.since = 0.0  # monotonic time this node became master
         self.watch: dict[tuple[str, str, int, int], list[float]] = {}  # attempt -> [progress, moved_at, seen_at]
         self.declared_dead: set[str] = set()
+        self.probed: dict[str, float] = {}
         cfg = node.config
         self.dead_after, self.stall_after, self.max_failures = cfg.dead_after, cfg.stall_after, cfg.max_failures
 
@@ -243,21 +244,20 @@ class Master:
         c = self.node.consensus
         assert c is not None
         now = time.monotonic()
-        if now - self.since < self.dead_after + self.node.config.heartbeat:
-            return  # a new master first hears from everyone
         with c.reading() as state:
-            members = list(state.members)
+            members = {m.name: m.data_addr for m in state.members.values()}
             running = [{"job": j.id, "phase": t.phase, "index": t.index, "attempt": t.attempt, "node": t.node}
                        for j in state.active_jobs() for t in j.maps + j.reduces if t.state == "running"]
             holding = {t.node for j in state.active_jobs() for t in j.maps + j.reduces if t.node}
-        for name in members:
-            seen = self.live.get(name, {}).get("seen", self.since)
-            if now - seen > self.dead_after and name not in self.declared_dead and name in holding:
-                res = await self.node.propose({"op": "lost", "node": name, "term": self.term})
-                if res.get("ok"):
-                    self.declared_dead.add(name)
-                    log.warning("member %s lost (silent for %.1f s): its tasks run elsewhere (%d job(s))",
-                                name, now - seen, res["jobs"])
+        for name in sorted(holding & set(members) - self.declared_dead - {self.node.name}):
+            silent = now - self.live.get(name, {}).get("seen", self.since)
+            if silent > self.dead_after:
+                await self._declare_lost(name, f"silent for {silent:.1f} s")
+            elif (name not in self.live or silent > 2 * self.node.config.heartbeat) \
+                    and await self._refused(name, members[name], now):
+                await self._declare_lost(name, "its node process is gone (connection refused)")
+        if now - self.since < self.dead_after + self.node.config.heartbeat:
+            return  # a new master first hears from every member before judging single tasks
         for t in running:
             if t["node"] in self.declared_dead:
                 continue
@@ -266,6 +266,28 @@ class Master:
                 await self._release(t, reason)
         live_keys = {(t["job"], t["phase"], t["index"], t["attempt"]) for t in running}
         self.watch = {k: v for k, v in self.watch.items() if k in live_keys}
+
+    async def _declare_lost(self, name: str, why: str) -> None:
+        res = await self.node.propose({"op": "lost", "node": name, "term": self.term})
+        if res.get("ok"):
+            self.declared_dead.add(name)
+            log.warning("member %s lost (%s): its tasks run elsewhere (%d job(s))", name, why, res["jobs"])
+
+    async def _refused(self, name: str, addr: str, now: float) -> bool:
+        """Probe a silent member once a second: a refused connection means its process died
+        (a paused or cut-off member just times out and waits for ``dead_after``)."""
+        if now - self.probed.get(name, 0.0) < 1.0:
+            return False
+        self.probed[name] = now
+        host, port = split_addr(addr)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+        except ConnectionRefusedError:
+            return True
+        except (OSError, asyncio.TimeoutError):
+            return False
+        writer.close()
+        return False
 
     def _expired(self, t: dict[str, Any], now: float) -> str:
         """Why a running attempt's lease is over, or "" while it holds."""

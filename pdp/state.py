@@ -256,7 +256,7 @@ class State:
         if int(c["term"]) != self.master["term"]:
             return _err("order from an old term", stale=True)
         for job in self.active_jobs():
-            before = sum(t.attempt for t in job.maps + job.reduces), job.state
+            before = sum(job.reruns.values())
             for t in job.maps + job.reduces:
                 if t.node == name and (t.state == "running" or (t.phase == "reduce" and t.state == "done")):
                     self._rerun(job, t, f"member {name} lost")
@@ -265,7 +265,7 @@ class State:
                     if t.node == name and t.state == "done":
                         self._rerun(job, t, f"map output lost with {name}")
             self._advance(job)
-            job_count += (sum(t.attempt for t in job.maps + job.reduces), job.state) != before
+            job_count += sum(job.reruns.values()) != before
         return {"ok": True, "jobs": job_count}
 
     def _redo(self, c: Cmd) -> Result:
