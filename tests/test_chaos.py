@@ -177,6 +177,42 @@ def test_task_process_killed_pool_recovers(make_party: Callable[..., LocalParty]
     assert all(party.alive(i) for i in range(party.n))
 
 
+def test_paused_member_loses_its_tasks(make_party: Callable[..., LocalParty], corpus: list[Path],
+                                       tmp_path: Path) -> None:
+    """SIGSTOP: the member still accepts TCP, only its silence tells; its tasks run elsewhere."""
+    party = make_party("sleep=0.3")
+    leader = leader_index(party)
+    run(submit(party, leader, corpus, "paused-member"))
+    victim: list[int] = []
+    wait_until(lambda: bool(victim.append(v) or victim) if (v := holder_of_running_task(
+        party, "paused-member", "map", exclude=leader)) is not None else False, 60, "a follower at work")
+    party.signal(victim[0], signal.SIGSTOP)
+    try:
+        summary = finish(party, "paused-member", tmp_path / "out.tsv", corpus)
+        st = run(party.status(leader))
+        [member] = [m for m in st["members"] if m["name"] == party.names[victim[0]]]
+        assert member["health"] == "dead"
+        assert any(f"{party.names[victim[0]]} lost" in why for why in summary["reruns"]), summary["reruns"]
+        assert sum(st["reruns"].values()) >= 1
+    finally:
+        party.signal(victim[0], signal.SIGCONT)
+
+
+def test_long_task_with_progress_keeps_its_lease(make_party: Callable[..., LocalParty], corpus: list[Path],
+                                                 tmp_path: Path) -> None:
+    party = make_party("crawl=3", stall_after=2.0)
+    run(submit(party, 0, corpus[:2], "crawl", chunk=1 << 20, reduces=2))
+    summary = finish(party, "crawl", tmp_path / "out.tsv", corpus[:2])
+    assert summary["reruns"] == {}  # slow but moving: never re-run
+
+
+def test_stalled_task_runs_again(make_party: Callable[..., LocalParty], corpus: list[Path], tmp_path: Path) -> None:
+    party = make_party("sleep=3", stall_after=2.0)
+    run(submit(party, 0, corpus[:1], "stall", chunk=1 << 20, reduces=1))
+    summary = finish(party, "stall", tmp_path / "out.tsv", corpus[:1])
+    assert any(why.startswith("stalled on") for why in summary["reruns"]), summary["reruns"]
+
+
 # -- master loss ------------------------------------------------------------------------------
 
 

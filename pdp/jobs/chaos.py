@@ -5,7 +5,9 @@ node's environment, ``PDP_CHAOS`` (comma-separated ``key=value``):
 
 - ``crash=P``: a map or reduce call kills its process with probability P;
 - ``stall=P`` and ``stall_max=S``: with probability P it sleeps up to S seconds first;
-- ``sleep=S``: every call sleeps S seconds first (slow, predictable tasks for fault tests).
+- ``sleep=S``: every call sleeps S seconds first (slow, predictable tasks for fault tests);
+- ``crawl=S``: every map call works slowly for S seconds first, reporting progress all the
+  while (a long but healthy task: its lease must hold).
 
 MIT 6.824's crash test is ``crash=0.33,stall=0.33,stall_max=10``. Outputs are those of
 word count whatever happens, so the sequential oracle still judges the result.
@@ -20,6 +22,7 @@ from typing import Any
 
 from pdp.jobs import wordcount
 from pdp.jobs.wordcount import InvalidUtf8, merge_outputs, oracle
+from pdp.progress import report
 
 __all__ = ["InvalidUtf8", "map_range", "merge_outputs", "oracle", "reduce_partitions"]
 
@@ -33,9 +36,13 @@ def _settings() -> dict[str, float]:
     return out
 
 
-def _misbehave() -> None:
+def _misbehave(progress: str | None = None, crawl: bool = False) -> None:
     cfg = _settings()
     time.sleep(cfg.get("sleep", 0.0))
+    steps = int(cfg.get("crawl", 0.0) / 0.1) if crawl else 0
+    for step in range(steps):
+        time.sleep(0.1)
+        report(progress, step + 1)
     r = random.random()
     if r < cfg.get("crash", 0.0):
         os._exit(17)
@@ -44,7 +51,7 @@ def _misbehave() -> None:
 
 
 def map_range(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    _misbehave()
+    _misbehave(kwargs.get("progress", args[5] if len(args) > 5 else None), crawl=True)
     return wordcount.map_range(*args, **kwargs)
 
 
