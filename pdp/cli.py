@@ -296,7 +296,10 @@ key_file = "{key}"
 # cpus = 2                          # task slots this node gives the party (default: all cores)
 # chunk_mb = 8.0                    # map chunk size for jobs submitted through this node
 # reduces = 0                       # reduce tasks per job; 0 = one per task slot, at most 16
-# heartbeat = 1.0                   # seconds between heartbeats to the master
+# heartbeat = 0.5                   # seconds between heartbeats to the master
+# dead_after = 2.5                  # a member silent this long is lost (same on every member)
+# stall_after = 30.0                # a task without progress this long runs again
+# max_failures = 10                 # a task failing this often fails its job
 """
 
 
