@@ -61,7 +61,7 @@ class Gateway:
             await stream.send({"t": "accepted", "id": job_id, "dup": True, "members": self._member_addrs()})
             return
         await stream.send({"t": "go"})
-        stored = []
+        stored: list[dict[str, Any]] = []
         for k, inp in enumerate(inputs):
             file_id = f"{job_id}-{k}"
             mirror = await self._open_mirror(file_id)

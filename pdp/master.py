@@ -17,6 +17,7 @@ progress stands still for ``stall_after``. A new master starts every lease afres
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdp.master")
 
 POLL = 2.0  # longest a worker's task request waits for work
-LEASE = 30.0  # lease length recorded with an assignment (enforced from issue 3 on)
 
 
 class NotMaster(PdpError):
@@ -135,7 +135,8 @@ class Master:
             self.reserved.add(k)
             try:
                 res = await self.node.propose({"op": "assign", "job": job.id, "phase": task.phase, "index": task.index,
-                                               "node": worker, "term": term, "lease_until": time.time() + LEASE})
+                                               "node": worker, "term": term,
+                                               "lease_until": time.time() + self.stall_after})
             finally:
                 self.reserved.discard(k)
             if res.get("ok"):
@@ -314,7 +315,7 @@ class Master:
             if job_id not in self.assembling:
                 self.assembling.add(job_id)
                 task = asyncio.create_task(self._assemble(job_id, kind, reducers, gateway))
-                task.add_done_callback(lambda _, j=job_id: self.assembling.discard(j))
+                task.add_done_callback(functools.partial(_forget, self.assembling, job_id))
 
     async def _assemble(self, job_id: str, kind: str, reducers: list[str], gateway: str) -> None:
         """Merge the reduce outputs into the result, store a second copy, record it."""
@@ -391,6 +392,10 @@ def _assignment(members: dict[str, Any], job: Job, task: Task) -> dict[str, Any]
     else:
         spec["sources"] = [(t.index, t.node, members[t.node].data_addr) for t in job.maps]
     return spec
+
+
+def _forget(names: set[str], name: str, _: object) -> None:
+    names.discard(name)
 
 
 def _sha256(path: Path) -> str:

@@ -196,7 +196,7 @@ async def dial(addr: str, key: bytes, name: str, role: str, timeout: float = HAN
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         raise ConnectionLost(f"cannot reach a pdp node at {addr}: {exc or 'timed out'}") from None
-    decoder, pending = wire.FrameDecoder(), []
+    decoder, pending = wire.FrameDecoder(), list[wire.Frame]()
     try:
         shake = wire.DialerHandshake(key, name, role)
         _send_now(writer, shake.hello())
@@ -236,7 +236,7 @@ async def accept(
 ) -> Connection | None:
     """Run the listener's side of the handshake; None (and a log line) if the peer fails it."""
     peer = "%s:%s" % writer.get_extra_info("peername")[:2]
-    decoder, pending = wire.FrameDecoder(), []
+    decoder, pending = wire.FrameDecoder(), list[wire.Frame]()
     shake = wire.ListenerHandshake(key, name)
     try:
         hello = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)

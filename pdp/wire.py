@@ -78,7 +78,9 @@ def _short(value: Any, limit: int = 40) -> str:
     return text
 
 
-def encode_frame(header: dict, payload: bytes | bytearray | memoryview = b"") -> list[bytes | memoryview]:
+def encode_frame(
+    header: dict, payload: bytes | bytearray | memoryview = b""
+) -> list[bytes | bytearray | memoryview]:
     """Encode one frame as a list of buffers for ``transport.writelines``.
 
     Returns ``[prefix + packed header, payload]``; the payload is left out when empty
