@@ -162,6 +162,16 @@ class State:
             return None, _err(f"job {job.id} is {job.state}", inactive=True)
         return job, None
 
+    def _order_task(self, c: Cmd) -> tuple[Job, Task] | Result:
+        """The job and task a master's order names, or the error result refusing it."""
+        job, bad = self._check_order(c)
+        if job is None:
+            return bad or _err("unknown job")
+        task = self._task(job, c)
+        if task is None:
+            return _err(f"no task {c['phase']} {c['index']} in job {job.id}")
+        return job, task
+
     def _task(self, job: Job, c: Cmd) -> Task | None:
         if c["phase"] not in ("map", "reduce"):
             return None
@@ -171,12 +181,10 @@ class State:
 
     def _assign(self, c: Cmd) -> Result:
         lease_until, node = float(c["lease_until"]), str(c["node"])  # parse before any change
-        job, bad = self._check_order(c)
-        if job is None:
-            return bad or _err("unknown job")
-        task = self._task(job, c)
-        if task is None:
-            return _err(f"no task {c['phase']} {c['index']} in job {job.id}")
+        found = self._order_task(c)
+        if isinstance(found, dict):
+            return found
+        job, task = found
         if task.state != "pending":
             return _err(f"task {task.phase} {task.index} of {job.id} is {task.state}", busy=True)
         if task.phase == "reduce" and job.state != "reducing":
@@ -192,12 +200,10 @@ class State:
         stats, node, attempt = dict(c.get("stats") or {}), str(c["node"]), int(c["attempt"])
         if not node:
             return _err("a completion must name the node holding the output")
-        job, bad = self._check_order(c)
-        if job is None:
-            return bad or _err("unknown job")
-        task = self._task(job, c)
-        if task is None:
-            return _err(f"no task {c['phase']} {c['index']} in job {job.id}")
+        found = self._order_task(c)
+        if isinstance(found, dict):
+            return found
+        job, task = found
         if task.state == "done":
             return _err("already done", dup=True)
         if not 1 <= attempt <= task.attempt:
@@ -227,12 +233,10 @@ class State:
         """
         reason, attempt, failed = str(c["reason"])[:200], int(c["attempt"]), bool(c.get("failed"))
         max_failures, now = int(c.get("max_failures", 0)), float(c["now"])
-        job, bad = self._check_order(c)
-        if job is None:
-            return bad or _err("unknown job")
-        task = self._task(job, c)
-        if task is None:
-            return _err(f"no task {c['phase']} {c['index']} in job {job.id}")
+        found = self._order_task(c)
+        if isinstance(found, dict):
+            return found
+        job, task = found
         if task.state != "running" or task.attempt != attempt:
             return _err(f"task {task.phase} {task.index} attempt {attempt} is not the running one", stale_attempt=True)
         key = f"{task.phase} {task.index}"

@@ -114,9 +114,9 @@ class NetParty:
             return None
         return json.loads(out)
 
-    def statuses(self) -> list[dict[str, Any] | None]:
+    def statuses(self, among: list[int] | None = None) -> list[dict[str, Any] | None]:
         """``pdp status --json`` of every node (None where it did not answer), in parallel."""
-        procs = [self.cli("status", "--json", "--node", self.addr(i)) for i in range(len(NODES))]
+        procs = [self.cli("status", "--json", "--node", self.addr(i)) for i in among or range(len(NODES))]
         return [self._json(p) for p in procs]
 
     def jobs(self, i: int) -> list[dict[str, Any]] | None:
@@ -191,12 +191,12 @@ def partition_mid_job(net: NetParty, corpus: list[Path], tmp_path: Path, victim_
     assert sum(summary["done_on"].values()) == summary["maps"] + summary["reduces"]
     # the job finished through the majority, whose leader is not the cut-off member
     majority = [i for i in range(len(NODES)) if i != victim]
-    views = net.statuses()
-    for i in majority:
-        assert views[i] is not None and views[i]["leader"] not in (None, NODES[victim]), views[i]  # type: ignore[index]
+    for view in net.statuses(majority):
+        assert view is not None and view["leader"] not in (None, NODES[victim]), view
     assert [j["state"] for j in job_in(net.jobs(gateway), job_id)] == ["done"]
 
     net.lan.heal(NODES[victim])
+    healed_at = time.monotonic()
 
     def healed() -> Any:
         agreed = net.agreed()
@@ -208,6 +208,7 @@ def partition_mid_job(net: NetParty, corpus: list[Path], tmp_path: Path, victim_
         return agreed, listings
 
     (new_leader, views), listings = wait_for(healed, 20, "one leader agreed by all three after healing")
+    agreed_in = time.monotonic() - healed_at
     for v in views:
         assert int(v["raft"]["diverged"]) == 0, (v["node"], v["raft"])
     assert sum(v["is_leader"] for v in views) == 1
@@ -217,7 +218,8 @@ def partition_mid_job(net: NetParty, corpus: list[Path], tmp_path: Path, victim_
     assert "Traceback" not in log, log[-3000:]
     print(f"{job_id}: cut {NODES[victim]} ({'leader' if victim_is_leader else 'follower'}) after "
           f"{before['maps_done']}/{before['maps']} maps; done {finished_in:.1f} s later; "
-          f"leader {NODES[leader]} -> {NODES[new_leader]}; reruns {summary.get('reruns')}")
+          f"healed, agreed in {agreed_in:.1f} s; leader {NODES[leader]} -> {NODES[new_leader]} (term {views[0]['term']}); "
+          f"reruns {summary.get('reruns')}")
 
 
 def test_leader_partitioned_mid_job(net: NetParty, corpus: list[Path], tmp_path: Path) -> None:
