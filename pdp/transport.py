@@ -236,7 +236,8 @@ async def accept(
 ) -> Connection | None:
     """Run the listener's side of the handshake; None (and a log line) if the peer fails it."""
     peer = "%s:%s" % writer.get_extra_info("peername")[:2]
-    decoder, pending = wire.FrameDecoder(), list[wire.Frame]()
+    # a stranger gets no room: handshake frames are small and carry no payload
+    decoder, pending = wire.FrameDecoder(max_header=4096, max_payload=0), list[wire.Frame]()
     shake = wire.ListenerHandshake(key, name)
     try:
         hello = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
@@ -257,6 +258,7 @@ async def accept(
         log.warning("dropped %s during the handshake: %s", peer, exc or "timed out")
         writer.close()
         return None
+    decoder.max_header, decoder.max_payload = wire.MAX_HEADER, wire.MAX_PAYLOAD
     conn = Connection(reader, writer, decoder, peer, handlers)
     conn.peer_name = shake.peer_name
     conn.start(pending)
