@@ -83,6 +83,13 @@ class Connection:
         self.closed = False
         self.tasks: set[asyncio.Task[None]] = set()
         self.reader_task: asyncio.Task[None] | None = None
+        self.sealer: wire.Sealer | None = None
+
+    def secure(self, session_key: bytes, dialer: bool, pending: list[wire.Frame]) -> None:
+        """From now on every frame is sealed (AES-GCM with keys from the handshake)."""
+        if pending or self.decoder.buffered:
+            raise ProtocolError("the peer sent frames before the handshake finished")
+        self.sealer, self.decoder.opener = wire.session_keys(session_key, dialer)
 
     def start(self, pending: list[wire.Frame]) -> None:
         self.reader_task = asyncio.create_task(self._read_loop(pending))
@@ -90,7 +97,7 @@ class Connection:
     async def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
         if self.closed:
             raise ConnectionLost(f"{self.peer}: connection closed")
-        self.writer.writelines(wire.encode_frame(header, payload))
+        self.writer.writelines(wire.encode_frame(header, payload, self.sealer))
         await self.writer.drain()
 
     def open_stream(self) -> Stream:
@@ -222,7 +229,12 @@ async def dial(addr: str, key: bytes, name: str, role: str, timeout: float = HAN
         raise ConnectionLost(f"{addr}: handshake failed: {exc}") from None
     conn = Connection(reader, writer, decoder, addr)
     conn.peer_name = shake.peer_name
-    conn.start(pending)
+    try:
+        conn.secure(shake.session_key, dialer=True, pending=pending)
+    except ProtocolError as exc:
+        writer.close()
+        raise ConnectionLost(f"{addr}: {exc}") from None
+    conn.start([])
     return conn
 
 
@@ -261,7 +273,13 @@ async def accept(
     decoder.max_header, decoder.max_payload = wire.MAX_HEADER, wire.MAX_PAYLOAD
     conn = Connection(reader, writer, decoder, peer, handlers)
     conn.peer_name = shake.peer_name
-    conn.start(pending)
+    try:
+        conn.secure(shake.session_key, dialer=False, pending=pending)
+    except ProtocolError as exc:
+        log.warning("dropped %s: %s", peer, exc)
+        writer.close()
+        return None
+    conn.start([])
     return conn
 
 

@@ -33,6 +33,8 @@ import struct
 from typing import Any, NamedTuple
 
 import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pdp.errors import AuthError, ProtocolError
 
@@ -59,6 +61,8 @@ MAX_PAYLOAD = 8 * 1024 * 1024
 
 _PREFIX = struct.Struct(">II")
 PREFIX_LEN = _PREFIX.size  # 8
+TAG = 16  # AES-GCM tag on each sealed header and payload
+_NONCE = struct.Struct(">4xQ")  # 96-bit nonce: 4 zero bytes, then the frame counter
 
 # -- frames -------------------------------------------------------------------------
 
@@ -78,15 +82,50 @@ def _short(value: Any, limit: int = 40) -> str:
     return text
 
 
+class Sealer:
+    """AEAD (AES-256-GCM) for one direction of a connection, after the handshake.
+
+    Every frame's header and payload are sealed separately, each under the next value of
+    a 64-bit counter (the nonce) with the frame's 8-byte prefix as associated data, so a
+    frame that is altered, replayed, reordered or dropped fails to open and the
+    connection is dropped. The two directions use different keys (:func:`session_keys`).
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+        self._counter = 0
+
+    def _nonce(self) -> bytes:
+        nonce = _NONCE.pack(self._counter)
+        self._counter += 1
+        return nonce
+
+    def seal(self, data: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+        return self._aead.encrypt(self._nonce(), bytes(data) if isinstance(data, memoryview) else data, aad)
+
+    def open(self, data: bytes | bytearray, aad: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(self._nonce(), bytes(data), aad)
+        except InvalidTag:
+            raise ProtocolError("a frame failed authentication (altered, replayed or out of order)") from None
+
+
+def session_keys(session_key: bytes, dialer: bool) -> tuple[Sealer, Sealer]:
+    """(sealer for what this side sends, opener for what it receives)."""
+    d2l, l2d = derive(session_key, "dialer->listener"), derive(session_key, "listener->dialer")
+    return (Sealer(d2l), Sealer(l2d)) if dialer else (Sealer(l2d), Sealer(d2l))
+
+
 def encode_frame(
-    header: dict, payload: bytes | bytearray | memoryview = b""
+    header: dict, payload: bytes | bytearray | memoryview = b"", sealer: Sealer | None = None
 ) -> list[bytes | bytearray | memoryview]:
     """Encode one frame as a list of buffers for ``transport.writelines``.
 
     Returns ``[prefix + packed header, payload]``; the payload is left out when empty
-    and is passed through without copying. Raises ProtocolError if the header has no
-    str ``"t"``, or the header or payload exceeds MAX_HEADER / MAX_PAYLOAD. A header
-    value msgpack cannot encode is a programming error and raises TypeError.
+    and is passed through without copying (unless ``sealer`` encrypts it). Raises
+    ProtocolError if the header has no str ``"t"``, or the header or payload exceeds
+    MAX_HEADER / MAX_PAYLOAD. A header value msgpack cannot encode is a programming error
+    and raises TypeError.
     """
     if not isinstance(header, dict):
         raise ProtocolError(f"a frame header must be a dict, not {type(header).__name__}")
@@ -100,8 +139,12 @@ def encode_frame(
     plen = memoryview(payload).nbytes
     if plen > MAX_PAYLOAD:
         raise ProtocolError(f"frame payload of {plen} bytes exceeds the {MAX_PAYLOAD}-byte limit")
-    first = _PREFIX.pack(len(packed), plen) + packed
-    return [first, payload] if plen else [first]
+    if sealer is None:
+        first = _PREFIX.pack(len(packed), plen) + packed
+        return [first, payload] if plen else [first]
+    prefix = _PREFIX.pack(len(packed) + TAG, plen + TAG if plen else 0)
+    first = prefix + sealer.seal(packed, prefix)
+    return [first, sealer.seal(payload, prefix)] if plen else [first]
 
 
 def _ext_refused(code: int, data: bytes) -> Any:
@@ -180,6 +223,8 @@ class FrameDecoder:
     def __init__(self, max_header: int = MAX_HEADER, max_payload: int = MAX_PAYLOAD) -> None:
         self.max_header = max_header
         self.max_payload = max_payload
+        self.opener: Sealer | None = None  # set after the handshake: frames are sealed from then on
+        self._aad = b""
         self._error: ProtocolError | None = None
         self._prefix = bytearray()  # partial prefix (< 8 bytes)
         self._hlen: int | None = None  # set while reading a frame's body
@@ -236,6 +281,7 @@ class FrameDecoder:
                     self._prefix.clear()
                 self._check_prefix(hlen, plen)
                 self._hlen, self._plen = hlen, plen
+                self._aad = _PREFIX.pack(hlen, plen)
 
             if self._header is None:
                 need = self._hlen - len(self._hbuf)
@@ -245,7 +291,8 @@ class FrameDecoder:
                     off += take
                 if len(self._hbuf) < self._hlen:
                     break
-                self._header = decode_header(self._hbuf, max_size=self.max_header)
+                raw = self._hbuf if self.opener is None else self.opener.open(self._hbuf, self._aad)
+                self._header = decode_header(raw, max_size=self.max_header)
                 self._hbuf = bytearray()
 
             need = self._plen - self._got
@@ -259,17 +306,23 @@ class FrameDecoder:
                 off += take
             if self._got < self._plen:
                 break
-            frames.append(Frame(self._header, self._join_payload()))
+            payload = self._join_payload()
+            if self.opener is not None and payload:
+                payload = self.opener.open(payload, self._aad)
+            frames.append(Frame(self._header, payload))
             self._reset_frame()
         return frames
 
     def _check_prefix(self, hlen: int, plen: int) -> None:
-        if hlen == 0:
+        tag = TAG if self.opener is not None else 0
+        if hlen <= tag:
             raise ProtocolError("frame has an empty header (every frame needs a header map)")
-        if hlen > self.max_header:
+        if hlen > self.max_header + tag:
             raise ProtocolError(f"frame header of {hlen} bytes exceeds the {self.max_header}-byte limit")
-        if plen > self.max_payload:
+        if plen > self.max_payload + tag:
             raise ProtocolError(f"frame payload of {plen} bytes exceeds the {self.max_payload}-byte limit")
+        if tag and 0 < plen <= tag:
+            raise ProtocolError("sealed frame payload shorter than its tag")
 
     def _join_payload(self) -> bytes:
         pieces = self._pieces

@@ -188,14 +188,14 @@ class VirtualLan:
                         pass
                 time.sleep(0.1)
         for ns in reversed(self.namespaces):
-            proc = _ip("netns", "del", ns, check=False)
-            if proc.returncode != 0:
-                errors.append(f"netns del {ns}: {proc.stderr.strip()}")
+            done = _ip("netns", "del", ns, check=False)
+            if done.returncode != 0:
+                errors.append(f"netns del {ns}: {done.stderr.strip()}")
         self.namespaces.clear()
         if self.route is not None:
-            proc = _ip("route", "del", "blackhole", self.route, check=False)
-            if proc.returncode != 0:
-                errors.append(f"route del blackhole {self.route}: {proc.stderr.strip()}")
+            done = _ip("route", "del", "blackhole", self.route, check=False)
+            if done.returncode != 0:
+                errors.append(f"route del blackhole {self.route}: {done.stderr.strip()}")
             self.route = None
         if errors:
             raise RuntimeError("; ".join(errors))
