@@ -101,11 +101,11 @@ class Sealer:
         return nonce
 
     def seal(self, data: bytes | bytearray | memoryview, aad: bytes) -> bytes:
-        return self._aead.encrypt(self._nonce(), bytes(data) if isinstance(data, memoryview) else data, aad)
+        return self._aead.encrypt(self._nonce(), data, aad)
 
     def open(self, data: bytes | bytearray, aad: bytes) -> bytes:
         try:
-            return self._aead.decrypt(self._nonce(), bytes(data), aad)
+            return self._aead.decrypt(self._nonce(), data, aad)
         except InvalidTag:
             raise ProtocolError("a frame failed authentication (altered, replayed or out of order)") from None
 
