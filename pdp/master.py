@@ -193,6 +193,7 @@ class Master:
     # -- liveness ---------------------------------------------------------------------
 
     async def _heartbeat(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        self._require()  # a deposed master must not keep a live view (or claim to be master)
         name = str(hdr["node"])
         if name not in self.live:
             log.info("member %s is alive", name)

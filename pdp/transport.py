@@ -97,8 +97,12 @@ class Connection:
     async def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
         if self.closed:
             raise ConnectionLost(f"{self.peer}: connection closed")
-        self.writer.writelines(wire.encode_frame(header, payload, self.sealer))
-        await self.writer.drain()
+        try:
+            self.writer.writelines(wire.encode_frame(header, payload, self.sealer))
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self.close()
+            raise ConnectionLost(f"{self.peer}: {exc or 'connection lost'}") from None
 
     def open_stream(self) -> Stream:
         stream = Stream(self, self.next_sid)
@@ -251,6 +255,7 @@ async def accept(
     # a stranger gets no room: handshake frames are small and carry no payload
     decoder, pending = wire.FrameDecoder(max_header=4096, max_payload=0), list[wire.Frame]()
     shake = wire.ListenerHandshake(key, name)
+    hello = None
     try:
         hello = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
         _send_now(writer, shake.on_hello(hello.header))
@@ -267,7 +272,9 @@ async def accept(
         writer.close()
         return None
     except (ProtocolError, ConnectionLost, asyncio.TimeoutError, OSError) as exc:
-        log.warning("dropped %s during the handshake: %s", peer, exc or "timed out")
+        quiet = isinstance(exc, ConnectionLost) and hello is None and not decoder.buffered
+        # a connect-and-close (the master probing whether a silent member's process is alive) is no news
+        (log.debug if quiet else log.warning)("dropped %s during the handshake: %s", peer, exc or "timed out")
         writer.close()
         return None
     decoder.max_header, decoder.max_payload = wire.MAX_HEADER, wire.MAX_PAYLOAD

@@ -46,6 +46,10 @@ class Worker:
         self.running: dict[int, dict[str, Any]] = {}  # slot -> what it runs (listed in heartbeats)
         self.highest_term = 0
         self.done_count = 0
+        cfg = node.config
+        # a heartbeat stuck on a master that is gone must give up well before the new master
+        # counts this member silent (dead_after), so the next one reaches the new master in time
+        self._beat_timeout = min(2 * cfg.heartbeat, cfg.dead_after / 3)
 
     def handlers(self) -> dict[str, Handler]:
         return {}
@@ -87,7 +91,7 @@ class Worker:
         if master is None:
             raise PdpError("no master elected yet")
         frame = await self.node.peers.request(master[1], {"t": "get_task", "node": self.node.name, "wait": 2.0},
-                                              timeout=10.0)
+                                              timeout=5.0)
         return frame.header if frame.header["t"] == "task" else None
 
     def _listing(self) -> list[dict[str, Any]]:
@@ -102,7 +106,7 @@ class Worker:
                 try:
                     await self.node.peers.request(master[1], {"t": "heartbeat", "node": self.node.name,
                                                               "slots": self.node.config.cpus,
-                                                              "tasks": self._listing()}, timeout=5.0)
+                                                              "tasks": self._listing()}, timeout=self._beat_timeout)
                 except (PdpError, OSError) as exc:
                     log.debug("heartbeat to %s failed: %s", master[0], exc)
             await asyncio.sleep(self.node.config.heartbeat)
@@ -142,7 +146,7 @@ class Worker:
             master = self.node.master_addr()
             if master is not None:
                 try:
-                    await self.node.peers.request(master[1], header, timeout=10.0)
+                    await self.node.peers.request(master[1], header, timeout=6.0)
                     return
                 except (PdpError, OSError) as exc:
                     log.debug("report to %s failed: %s", master[0], exc)

@@ -50,7 +50,7 @@ result.write_text(json.dumps({"summary": summary, "head": head}))
 
 
 def wait_for(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail with its last value."""
+    """Poll ``probe`` until it returns something truthy (and return that); fail naming ``what``."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
