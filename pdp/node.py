@@ -37,6 +37,25 @@ def raft_addr_of(data_addr: str) -> str:
     return f"{host}:{port + 1}"
 
 
+def new_pool(workers: int) -> ProcessPoolExecutor:
+    """The task pool: spawned processes (never forked from a threaded node) that exit when
+    their node dies, even by SIGKILL (no orphaned task processes left holding memory)."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a task process: exit as soon as the node that started it is gone."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="pdp-parent-watch", daemon=True).start()
+
+
 def _warm() -> int:
     import pdp.jobs.wordcount  # noqa: F401  (import cost paid before the first task)
 
@@ -84,7 +103,7 @@ class Node:
         from pdp.worker import Worker
 
         cfg = self.config
-        self.pool = ProcessPoolExecutor(cfg.cpus, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = new_pool(cfg.cpus)
         peers = sorted({raft_addr_of(p) for p in cfg.peers} - {cfg.raft_addr})
         self.consensus = Consensus(
             cfg.raft_addr, peers, wire.derive(self.key, "raft").hex(), cfg.data_dir / "raft",
@@ -174,7 +193,7 @@ class Node:
         """Replace a broken pool (a task process died) with a fresh one, once."""
         if broken is None or broken is not self.pool:
             return  # another slot already replaced it
-        self.pool = ProcessPoolExecutor(self.config.cpus, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = new_pool(self.config.cpus)
         log.warning("task pool restarted after a task process died")
         await asyncio.to_thread(broken.shutdown, wait=True, cancel_futures=True)
 

@@ -140,9 +140,12 @@ def test_follower_killed_mid_phase(make_party: Callable[..., LocalParty], corpus
         return bool(victim)
 
     wait_until(found, 60, f"a follower running a {phase} task")
+    pool = psutil.Process(party.pid(victim[0])).children(recursive=True)
     party.kill(victim[0])
     summary = finish(party, f"kill-{phase}", tmp_path / "out.tsv", corpus)
     assert any("lost" in why for why in summary["reruns"]), summary["reruns"]
+    _, alive = psutil.wait_procs(pool, timeout=5)
+    assert not alive  # the dead node's task processes do not linger as orphans
 
 
 def test_mapper_killed_before_reducers_fetch(make_party: Callable[..., LocalParty], corpus: list[Path],
