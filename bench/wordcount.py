@@ -29,6 +29,8 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 def build_input(path: Path, mb: float) -> int:
     corpus = b"".join(p.read_bytes() for p in sorted(CORPUS.glob("*.txt")))
+    if not corpus:
+        raise SystemExit(f"no corpus in {CORPUS}: the benchmarks need ../shared/corpus beside the repository")
     target = int(mb * 1024 * 1024)
     with open(path, "wb") as f:
         written = 0
