@@ -30,6 +30,8 @@ from pdp.transport import Connection, Handler, Peers, Stream, accept, split_addr
 
 log = logging.getLogger("pdp.node")
 
+MAX_CONNECTIONS_PER_HOST = 64
+
 
 def raft_addr_of(data_addr: str) -> str:
     """A core member's Raft address: its data port + 1 (documented convention)."""
@@ -88,6 +90,7 @@ class Node:
         self.changes = Changes()
         self.peers = Peers(self.key, self.name)
         self.connections: set[Connection] = set()
+        self.per_host: dict[str, int] = {}  # open data-plane connections (and handshakes) per peer host
         self.handlers: dict[str, Handler] = {}
         self.pool: ProcessPoolExecutor | None = None
         self.consensus: Consensus | None = None
@@ -142,12 +145,27 @@ class Node:
         return self.exit_code
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = await accept(reader, writer, self.key, self.name, self.handlers)
-        if conn is None:
+        host = str((writer.get_extra_info("peername") or ("?",))[0])
+        if self.per_host.get(host, 0) >= MAX_CONNECTIONS_PER_HOST:
+            log.warning("refused a connection from %s: already %d open from there", host, MAX_CONNECTIONS_PER_HOST)
+            writer.close()
             return
-        self.connections.add(conn)
-        if conn.reader_task is not None:
-            conn.reader_task.add_done_callback(lambda _: self.connections.discard(conn))
+        self.per_host[host] = self.per_host.get(host, 0) + 1
+        conn = None
+        try:
+            conn = await accept(reader, writer, self.key, self.name, self.handlers)
+            if conn is None or conn.reader_task is None:
+                return
+            self.connections.add(conn)
+            await asyncio.shield(conn.reader_task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if conn is not None:
+                self.connections.discard(conn)
+            self.per_host[host] -= 1
+            if not self.per_host[host]:
+                del self.per_host[host]
 
     async def _register(self) -> None:
         """Record this member (name, addresses, slots) in the replicated state."""

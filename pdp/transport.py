@@ -24,6 +24,7 @@ log = logging.getLogger("pdp.transport")
 
 READ_SIZE = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 300.0  # a connection with no traffic and no open stream this long is closed
 STREAM_QUEUE = 16
 Handler = Callable[["Stream", dict[str, Any], bytes], Awaitable[None]]
 
@@ -126,7 +127,13 @@ class Connection:
             for frame in pending:
                 await self._dispatch(frame)
             while True:
-                data = await self.reader.read(READ_SIZE)
+                try:
+                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), IDLE_TIMEOUT)
+                except asyncio.TimeoutError:
+                    if self.streams:
+                        continue  # quiet, but something is in progress (a long wait)
+                    log.info("closing %s: idle for %g s", self.peer, IDLE_TIMEOUT)
+                    break
                 if not data:
                     break
                 for frame in self.decoder.feed(data):
