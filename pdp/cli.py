@@ -267,6 +267,31 @@ def result(
 
 
 @app.command()
+def invite(
+    name: str = typer.Argument(..., help="the new member's node name (its --name)"),
+    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+) -> None:
+    """Invite a member: only invited nodes may join the party."""
+    key_path = key_file or default_key_file()
+    res = _run(_call(_node_addr(node), _key(key_file), "invite", name=name))
+    print(f"{name} is invited. On the new machine:")
+    print(f"  1. copy the party secret {key_path} there (mode 0600)")
+    print(f"  2. pdp node --name {name} --peer {res['join']} --advertise THAT_HOST:7700 --key-file PATH")
+
+
+@app.command()
+def uninvite(
+    name: str = typer.Argument(..., help="the member's node name"),
+    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+) -> None:
+    """Withdraw an invitation: the member is cut off at once and its tasks run elsewhere."""
+    _run(_call(_node_addr(node), _key(key_file), "uninvite", name=name))
+    print(f"{name} is no longer invited; it has been disconnected")
+
+
+@app.command()
 def demo(
     nodes: int = typer.Option(3, help="how many local nodes"),
     keep: bool = typer.Option(False, help="keep the temp dir (logs, spools) afterwards"),
@@ -277,9 +302,9 @@ def demo(
     _run(run_demo(nodes, keep))
 
 
-async def _call(addr: str, key: bytes, kind: str) -> dict[str, Any]:
+async def _call(addr: str, key: bytes, kind: str, **fields: Any) -> dict[str, Any]:
     async with Client(addr, key) as client:
-        return await client.call(kind)
+        return await client.call(kind, **fields)
 
 
 _TEMPLATE = """\

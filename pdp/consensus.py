@@ -171,7 +171,7 @@ class Consensus:
 
     def __init__(
         self,
-        self_addr: str,
+        self_addr: str | None,
         peers: list[str],
         password: str,
         data_dir: Path,
@@ -197,9 +197,10 @@ class Consensus:
             connectionTimeout=tuning.connection_timeout,
             connectionRetryTime=tuning.retry,
             dynamicMembershipChange=True,
-            bindAddress=f"{bind_host}:{self_addr.rsplit(':', 1)[1]}",
             onStateChanged=lambda old, new: self._notify(),
         )
+        if self_addr is not None:  # a voter listens; a worker without a seat only follows the log
+            conf.bindAddress = f"{bind_host}:{self_addr.rsplit(':', 1)[1]}"
         self.self_addr = self_addr
         self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf, consumers=[self.replica])
         _keep_next_index_monotonic(self._sync)
@@ -243,6 +244,12 @@ class Consensus:
     def leader_addr(self) -> str | None:
         leader = self._sync._getLeader()
         return None if leader is None else str(leader.address)
+
+    def voters(self) -> list[str]:
+        """The Raft addresses of the current voters (pysyncobj's view, after membership changes)."""
+        sync = self._sync
+        own = [] if sync.selfNode is None else [str(sync.selfNode.address)]
+        return sorted(own + [str(n.address) for n in sync.otherNodes])
 
     def raft_status(self) -> dict[str, Any]:
         status = self._sync.getStatus()

@@ -40,7 +40,7 @@ class Gateway:
 
     def handlers(self) -> dict[str, Handler]:
         return {"submit": self._submit, "wait": self._wait, "result": self._result, "status": self._status,
-                "jobs": self._jobs}
+                "jobs": self._jobs, "invite": self._invite, "uninvite": self._uninvite}
 
     def _job(self, job_id: str) -> Job | None:
         assert self.node.consensus is not None
@@ -77,7 +77,7 @@ class Gateway:
                            "members": self._member_addrs()})
 
     async def _commit(self, cmd: dict[str, Any], patience: float = 30.0) -> dict[str, Any]:
-        """Commit a submit, retrying through an election (the submit is idempotent)."""
+        """Commit an idempotent command, retrying through an election; refusals raise."""
         deadline = time.monotonic() + patience
         while True:
             try:
@@ -88,7 +88,7 @@ class Gateway:
                     raise
                 await asyncio.sleep(0.5)
         if not res.get("ok"):
-            raise PdpError(f"the party refused the job: {res.get('error')}")
+            raise PdpError(f"the party refused: {res.get('error')}")
         return res
 
     def _member_addrs(self) -> list[str]:
@@ -227,6 +227,24 @@ class Gateway:
                 source.close()
         raise PdpError(f"no member holding the result of {job_id} answered ({'; '.join(errors)}); try again later")
 
+    # -- invitations --------------------------------------------------------------------
+
+    async def _invite(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        name = str(hdr["name"])
+        res = await self._commit({"op": "invite", "name": name, "by": stream.conn.peer_name, "now": time.time()},
+                                 patience=10.0)
+        log.info("%s invited %s", stream.conn.peer_name, name)
+        await stream.send({"t": "invited", "name": name, "join": self.node.config.advertise_addr, **res})
+
+    async def _uninvite(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        name = str(hdr["name"])
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            term = state.master["term"]
+        await self._commit({"op": "uninvite", "name": name, "term": term}, patience=10.0)
+        log.warning("%s withdrew the invitation of %s", stream.conn.peer_name, name)
+        await stream.send({"t": "uninvited", "name": name})
+
     # -- status / jobs --------------------------------------------------------------------
 
     async def _status(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
@@ -235,8 +253,9 @@ class Gateway:
         raft = node.consensus.raft_status()
         with node.consensus.reading() as state:
             master = dict(state.master)
-            members = {m.name: {"name": m.name, "data_addr": m.data_addr, "raft_addr": m.raft_addr, "cpus": m.cpus}
-                       for m in state.members.values()}
+            members = {m.name: {"name": m.name, "data_addr": m.data_addr, "raft_addr": m.raft_addr, "cpus": m.cpus,
+                                "voter": m.voter} for m in state.members.values()}
+            invited = sorted(state.invited)
             jobs = {s: sum(j.state == s for j in state.jobs.values()) for s in ("queued", "running", "done", "failed")}
             jobs["running"] = sum(j.state in ACTIVE[1:] for j in state.jobs.values())
             reruns: dict[str, int] = {}
@@ -253,7 +272,7 @@ class Gateway:
         await stream.send({"t": "status", "node": node.name, "leader": leader, "term": raft["term"],
                            "is_leader": node.master.is_master(), "raft": raft,
                            "members": sorted(members.values(), key=lambda m: m["name"]), "jobs": jobs,
-                           "reruns": reruns})
+                           "reruns": reruns, "invited": invited})
 
     async def _live_view(self, master: dict[str, Any]) -> dict[str, Any]:
         if not master["name"]:

@@ -81,11 +81,22 @@ class LocalParty:
         for i in range(self.n):
             self.start_node(i)
 
-    def start_node(self, i: int) -> None:
+    def add_node(self, name: str, peers: list[int]) -> int:
+        """Start one more node (a would-be worker) that names only ``peers`` (indexes); returns its index."""
+        port = free_port_pair()
+        while any(abs(port - p) <= 1 for p in self.ports):
+            port = free_port_pair()
+        self.ports.append(port)
+        self.names.append(name)
+        self.start_node(len(self.names) - 1, peers)
+        return len(self.names) - 1
+
+    def start_node(self, i: int, peers: list[int] | None = None) -> None:
         name = self.names[i]
+        peers = [j for j in range(self.n) if j != i] if peers is None else peers
         args = [sys.executable, "-m", "pdp", "node", "--name", name, "--listen", self.addr(i),
                 "--data-dir", str(self.root / name), "--key-file", str(self.key_file), "--cpus", str(self.cpus),
-                *[a for j in range(self.n) if j != i for a in ("--peer", self.addr(j))], *self.extra]
+                *[a for j in peers for a in ("--peer", self.addr(j))], *self.extra]
         log = open(self.root / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=self.env)
@@ -124,7 +135,7 @@ class LocalParty:
                 views = [await self.status(i) for i in range(self.n)]
                 leaders = {v["leader"] for v in views}
                 beating = all(m["heartbeat_age"] is not None for v in views for m in v["members"])
-                if len(leaders) == 1 and None not in leaders and beating and all(len(v["members"]) == self.n for v in views):
+                if len(leaders) == 1 and None not in leaders and beating and all(len(v["members"]) >= self.n for v in views):
                     return views[0]
                 last = [(v["node"], v["leader"], len(v["members"])) for v in views]
             except (PdpError, OSError) as exc:

@@ -251,6 +251,8 @@ class Master:
             running = [{"job": j.id, "phase": t.phase, "index": t.index, "attempt": t.attempt, "node": t.node}
                        for j in state.active_jobs() for t in j.maps + j.reduces if t.state == "running"]
             holding = {t.node for j in state.active_jobs() for t in j.maps + j.reduces if t.node}
+        for name in sorted(holding - set(members) - self.declared_dead):
+            await self._declare_lost(name, "no longer a member")
         for name in sorted(holding & set(members) - self.declared_dead - {self.node.name}):
             silent = now - self.live.get(name, {}).get("seen", self.since)
             if silent > self.dead_after:

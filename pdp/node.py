@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -22,7 +23,8 @@ from typing import Any
 from pdp import wire
 from pdp.config import NodeConfig, load_key
 from pdp.consensus import Consensus, ConsensusError
-from pdp.errors import PdpError
+from pdp.errors import AuthError, PdpError
+from pdp.fsutil import atomic_write
 from pdp.split import aligned_bounds
 from pdp.spool import Spool
 from pdp.streams import recv_file, send_file
@@ -97,6 +99,8 @@ class Node:
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[Any]] = []
         self.exit_code = 0
+        self.voter = True
+        self.registered = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -107,23 +111,32 @@ class Node:
 
         cfg = self.config
         self.pool = new_pool(cfg.cpus)
-        peers = sorted({raft_addr_of(p) for p in cfg.peers} - {cfg.raft_addr})
-        self.consensus = Consensus(
-            cfg.raft_addr, peers, wire.derive(self.key, "raft").hex(), cfg.data_dir / "raft",
-            cfg.listen.rsplit(":", 1)[0], self.changes.notify,
-        )
         self.master, self.worker, self.gateway = Master(self), Worker(self), Gateway(self)
+        self.handlers["party_info"] = self._party_info
+        host, port = split_addr(cfg.listen)
+        server = await asyncio.start_server(self._on_connect, host, port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            self.voter, core = await self._find_role()
+        except PdpError as exc:
+            log.error("cannot join the party: %s", exc)
+            server.close()
+            _stop_pool(self.pool)
+            return 1
+        (cfg.data_dir / "raft").mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.consensus = Consensus(
+            cfg.raft_addr if self.voter else None, core, wire.derive(self.key, "raft").hex(), cfg.data_dir / "raft",
+            cfg.listen.rsplit(":", 1)[0], self._on_change,
+        )
         self.handlers.update({"fetch_range": self._fetch_range, "fetch_file": self._fetch_file,
                               "store_file": self._store_file, "store_input": self._store_input})
         for part in (self.master, self.worker, self.gateway):
             self.handlers.update(part.handlers())
-        host, port = split_addr(cfg.listen)
-        server = await asyncio.start_server(self._on_connect, host, port)
-        log.info("node %s listening on %s (advertised %s), raft %s, peers %s, %d task slot(s)",
-                 self.name, cfg.listen, cfg.advertise_addr, cfg.raft_addr, ", ".join(peers) or "none", cfg.cpus)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        log.info("node %s listening on %s (advertised %s), %s, core %s, %d task slot(s)", self.name, cfg.listen,
+                 cfg.advertise_addr, f"Raft voter at {cfg.raft_addr}" if self.voter else "worker (no Raft seat)",
+                 ", ".join(core), cfg.cpus)
         self.tasks = [
             asyncio.create_task(self._register()),
             asyncio.create_task(self.master.run()),
@@ -153,7 +166,7 @@ class Node:
         self.per_host[host] = self.per_host.get(host, 0) + 1
         conn = None
         try:
-            conn = await accept(reader, writer, self.key, self.name, self.handlers)
+            conn = await accept(reader, writer, self.key, self.name, self.handlers, self._admit)
             if conn is None or conn.reader_task is None:
                 return
             self.connections.add(conn)
@@ -167,11 +180,88 @@ class Node:
             if not self.per_host[host]:
                 del self.per_host[host]
 
+    async def _find_role(self) -> tuple[bool, list[str]]:
+        """(voter?, the core's Raft addresses): from a running party if a peer answers,
+        else from this node's last run, else a new party of this node and its peers."""
+        cfg = self.config
+        saved_file = cfg.data_dir / "party.json"
+        saved = json.loads(saved_file.read_text()) if saved_file.exists() else None
+        info = await self._ask_party()
+        if info is not None:
+            voter, core = cfg.raft_addr in info["core"], sorted(info["core"])
+        elif saved is not None:
+            voter, core = bool(saved["voter"]), sorted(saved["core"])
+        else:
+            voter, core = True, sorted({cfg.raft_addr} | {raft_addr_of(p) for p in cfg.peers})
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(saved_file, json.dumps({"voter": voter, "core": core}).encode(), mode=0o600)
+        return voter, core
+
+    async def _ask_party(self, patience: float = 30.0) -> dict[str, Any] | None:
+        """What a peer knows of the party: None if no peer runs one yet (a new party)."""
+        deadline = time.monotonic() + patience
+        while True:
+            answers = []
+            for addr in self.config.peers:
+                try:
+                    frame = await self.peers.request(addr, {"t": "party_info"}, timeout=3.0)
+                    answers.append(frame.header)
+                except AuthError:
+                    raise
+                except (PdpError, OSError) as exc:
+                    log.debug("peer %s: %s", addr, exc)
+            led = [a for a in answers if a.get("master") and a.get("core")]
+            if led:
+                return led[0]
+            if not any(a.get("members") for a in answers) or time.monotonic() > deadline:
+                return None  # nobody up, or everyone new: found the party
+            await asyncio.sleep(0.5)  # a party exists but is electing: wait for its master
+
+    async def _party_info(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        c = self.consensus
+        if c is None:
+            await stream.send({"t": "party", "master": "", "core": [], "members": 0})
+            return
+        with c.reading() as state:
+            master, members = state.master["name"], len(state.members)
+        await stream.send({"t": "party", "master": master, "core": c.voters(), "members": members})
+
+    def _admit(self, name: str, role: str) -> str | None:
+        """Only invited nodes talk to members (clients need just the secret)."""
+        c = self.consensus
+        if role != "node" or c is None:
+            return None
+        with c.reading() as state:
+            if state.admitted(name):
+                return None
+        return f"{name} is not invited to this party: a member must first run `pdp invite {name}`"
+
+    def _on_change(self) -> None:
+        self.changes.notify()
+        self._enforce_invitations()
+
+    def _enforce_invitations(self) -> None:
+        """Cut off members whose invitation was withdrawn; stop if it was this one's."""
+        c = self.consensus
+        if c is None:
+            return
+        with c.reading() as state:
+            admitted = {name for name in {conn.peer_name for conn in self.connections} | {self.name}
+                        if state.admitted(name)}
+        for conn in list(self.connections):
+            if conn.peer_role == "node" and conn.peer_name not in admitted:
+                log.warning("disconnected %s: its invitation was withdrawn", conn.peer_name)
+                conn.close()
+        if self.registered.is_set() and not self.voter and self.name not in admitted:
+            log.error("this node's invitation to the party was withdrawn; stopping")
+            self.exit_code = 1
+            self.stopping.set()
+
     async def _register(self) -> None:
         """Record this member (name, addresses, slots) in the replicated state."""
         cfg = self.config
-        cmd = {"op": "member", "name": self.name, "data_addr": cfg.advertise_addr, "raft_addr": cfg.raft_addr,
-               "cpus": cfg.cpus}
+        cmd = {"op": "member", "name": self.name, "data_addr": cfg.advertise_addr,
+               "raft_addr": cfg.raft_addr if self.voter else "", "voter": self.voter, "cpus": cfg.cpus}
         while True:
             try:
                 res = await self.propose({**cmd, "now": time.time()}, timeout=3.0)
@@ -183,7 +273,8 @@ class Node:
                 self.exit_code = 1
                 self.stopping.set()
                 return
-            log.info("member %s joined the party", self.name)
+            log.info("member %s joined the party%s", self.name, "" if self.voter else " as a worker")
+            self.registered.set()
             return
 
     # -- shared helpers -----------------------------------------------------------------

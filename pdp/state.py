@@ -34,9 +34,10 @@ MAX_ERROR = 2000
 class Member:
     name: str
     data_addr: str
-    raft_addr: str
+    raft_addr: str  # "" for a worker without a Raft seat
     cpus: int
     joined_at: float
+    voter: bool = True
 
 
 @dataclass
@@ -98,6 +99,12 @@ class State:
         self.jobs: dict[str, Job] = {}
         self.next_seq = 0
         self.applied = 0
+        self.invited: dict[str, dict[str, Any]] = {}  # name -> {"by", "at"}: who may join as a member
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        """Dumps written before a field existed load with its default."""
+        self.__init__()  # type: ignore[misc]
+        self.__dict__.update(data)
 
     # -- entry point ------------------------------------------------------------------
 
@@ -116,12 +123,45 @@ class State:
     # -- commands ---------------------------------------------------------------------
 
     def _member(self, c: Cmd) -> Result:
-        name = str(c["name"])
+        """A node registers (again). Core voters are invited by being configured as voters;
+        any other member needs an invitation by name (``pdp invite``)."""
+        name, data, raft, voter = str(c["name"]), str(c["data_addr"]), str(c["raft_addr"]), bool(c.get("voter", True))
+        cpus, now = int(c["cpus"]), float(c["now"])
         known = self.members.get(name)
-        if known is not None and known.raft_addr != str(c["raft_addr"]):
+        if known is not None and (known.raft_addr, known.data_addr) != (raft, data) and known.voter:
             return _err(f"the name {name!r} is taken by the member at {known.data_addr}; give this node another --name")
-        self.members[name] = Member(name, str(c["data_addr"]), str(c["raft_addr"]), int(c["cpus"]), float(c["now"]))
+        if not voter and name not in self.invited:
+            return _err(f"{name} is not invited to this party: a member must first run `pdp invite {name}`",
+                        not_invited=True)
+        if voter:
+            self.invited.setdefault(name, {"by": "core", "at": now})
+        self.members[name] = Member(name, data, raft, cpus, now, voter)
         return {"ok": True}
+
+    def _invite(self, c: Cmd) -> Result:
+        name, by, now = str(c["name"]), str(c["by"]), float(c["now"])
+        if not name or len(name) > 64 or any(ch.isspace() for ch in name):
+            return _err(f"bad member name {name!r}: 1-64 characters without spaces")
+        self.invited[name] = {"by": by, "at": now}
+        return {"ok": True}
+
+    def _uninvite(self, c: Cmd) -> Result:
+        """Withdraw an invitation: the member is removed and its work runs elsewhere."""
+        name = str(c["name"])
+        member = self.members.get(name)
+        if member is not None and member.voter:
+            return _err(f"{name} is a core (Raft) member: run `pdp core remove {name}` first")
+        if name not in self.invited:
+            return _err(f"{name} is not invited")
+        del self.invited[name]
+        self.members.pop(name, None)
+        if int(c["term"]) == self.master["term"]:
+            self._lost({"node": name, "term": c["term"]})
+        return {"ok": True}
+
+    def admitted(self, name: str) -> bool:
+        """May a node called ``name`` talk to members (bootstrap: anyone with the secret)?"""
+        return name in self.invited or name in self.members or not self.master["name"]
 
     def _master(self, c: Cmd) -> Result:
         term = int(c["term"])
@@ -332,4 +372,6 @@ _HANDLERS = {
     "release": State._release,
     "lost": State._lost,
     "redo": State._redo,
+    "invite": State._invite,
+    "uninvite": State._uninvite,
 }

@@ -78,6 +78,7 @@ class Connection:
         self.reader, self.writer, self.decoder = reader, writer, decoder
         self.peer = peer
         self.peer_name = ""
+        self.peer_role = ""
         self.handlers = handlers  # None on the dialing side: it only opens streams
         self.streams: dict[int, Stream] = {}
         self.next_sid = 1
@@ -229,6 +230,8 @@ async def dial(addr: str, key: bytes, name: str, role: str, timeout: float = HAN
                 await writer.drain()
             raise
         welcome = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
+        if welcome.header["t"] == "error" and welcome.header.get("code") == "not_invited":
+            raise AuthError(f"refused by the node: {str(welcome.header.get('message', ''))[:300]}")
         shake.on_welcome(welcome.header)
     except asyncio.TimeoutError:
         writer.close()
@@ -255,9 +258,13 @@ async def accept(
     key: bytes,
     name: str,
     handlers: dict[str, Handler],
+    admit: Callable[[str, str], str | None] = lambda name, role: None,
     timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Connection | None:
-    """Run the listener's side of the handshake; None (and a log line) if the peer fails it."""
+    """Run the listener's side of the handshake; None (and a log line) if the peer fails it.
+
+    ``admit(name, role)`` returns None to let a peer that proved the secret in, or the
+    reason it may not come in (a node that is not invited)."""
     peer = "%s:%s" % writer.get_extra_info("peername")[:2]
     # a stranger gets no room: handshake frames are small and carry no payload
     decoder, pending = wire.FrameDecoder(max_header=4096, max_payload=0), list[wire.Frame]()
@@ -269,7 +276,15 @@ async def accept(
         auth = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
         if auth.header["t"] == "error":
             raise AuthError(str(auth.header.get("message", "the dialer gave up"))[:300])
-        _send_now(writer, shake.on_auth(auth.header))
+        welcome = shake.on_auth(auth.header)
+        refusal = admit(shake.peer_name, shake.peer_role)
+        if refusal is not None:
+            log.warning("refused %s (%s): %s", peer, shake.peer_name, refusal)
+            _send_now(writer, wire.error_header("not_invited", refusal))
+            await writer.drain()
+            writer.close()
+            return None
+        _send_now(writer, welcome)
         await writer.drain()
     except AuthError as exc:
         log.warning("refused %s: %s", peer, exc)
@@ -286,7 +301,7 @@ async def accept(
         return None
     decoder.max_header, decoder.max_payload = wire.MAX_HEADER, wire.MAX_PAYLOAD
     conn = Connection(reader, writer, decoder, peer, handlers)
-    conn.peer_name = shake.peer_name
+    conn.peer_name, conn.peer_role = shake.peer_name, shake.peer_role
     try:
         conn.secure(shake.session_key, dialer=False, pending=pending)
     except ProtocolError as exc:

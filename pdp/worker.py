@@ -61,6 +61,7 @@ class Worker:
     # -- the loops --------------------------------------------------------------------
 
     async def _slot(self, slot: int) -> None:
+        await self.node.registered.wait()  # the master only talks to members
         backoff = 0.1
         while True:
             try:
@@ -100,6 +101,7 @@ class Worker:
                 for r in self.running.values()]
 
     async def _heartbeats(self) -> None:
+        await self.node.registered.wait()
         while True:
             master = self.node.master_addr()
             if master is not None:

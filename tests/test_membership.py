@@ -1,0 +1,120 @@
+"""Invitations and workers without a Raft seat: refused when not invited, joining mid-job
+through one member, cut off at once when uninvited; jobs stay exact throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pdp.client import Client, Failover
+from pdp.jobs.wordcount import oracle
+from pdp.local import LocalParty
+
+SETTINGS = {"heartbeat": 0.5, "dead_after": 2.0, "stall_after": 20.0}
+
+
+@pytest.fixture
+def party(tmp_path: Path) -> Iterator[LocalParty]:
+    p = LocalParty(tmp_path / "party", n=3, cpus=1, env={"PDP_TEST_KINDS": "1", "PDP_CHAOS": "sleep=0.25"},
+                   settings=SETTINGS)
+    p.start()
+    try:
+        asyncio.run(p.wait_ready(60))
+        yield p
+    finally:
+        p.stop()
+
+
+def _cli(party: LocalParty, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PDP_KEY_FILE=str(party.key_file))
+    return subprocess.run([sys.executable, "-m", "pdp", *args, "--node", party.addr(0)], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def _status(party: LocalParty, i: int = 0) -> dict[str, Any]:
+    return asyncio.run(party.status(i))
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _finish(party: LocalParty, job_id: str, out: Path) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        f = Failover([party.addr(i) for i in range(3)], party.key, patience=120)
+        summary = await f.run(lambda c: c.wait(job_id), "wait")
+        await f.run(lambda c: c.fetch_result(job_id, out), "fetch")
+        return summary
+
+    return asyncio.run(go())
+
+
+def _submit(party: LocalParty, inputs: list[Path], job_id: str) -> None:
+    async def go() -> None:
+        async with Client(party.addr(0), party.key) as c:
+            await c.submit("chaos", inputs, job_id, chunk_size=128 * 1024, reduces=4)
+
+    asyncio.run(go())
+
+
+def test_a_node_that_is_not_invited_is_refused(party: LocalParty) -> None:
+    w = party.add_node("stranger", peers=[1])
+    proc = party.procs["stranger"]
+    assert proc.wait(30) == 1
+    log = (party.root / "stranger.log").read_text()
+    assert "not invited" in log and "pdp invite stranger" in log
+    assert "not invited" in (party.root / f"{party.names[1]}.log").read_text()
+    assert "stranger" not in [m["name"] for m in _status(party)["members"]]
+    assert w == 3
+
+
+def test_invited_worker_joins_mid_job_takes_tasks_and_is_cut_off_when_uninvited(
+        party: LocalParty, corpus: list[Path], tmp_path: Path) -> None:
+    res = _cli(party, "invite", "helper")
+    assert res.returncode == 0, res.stderr
+    assert "pdp node --name helper --peer" in res.stdout
+    _submit(party, corpus, "with-helper")
+    party.add_node("helper", peers=[2])  # names a single member, not the leader necessarily
+    _wait(lambda: any(m["name"] == "helper" and m["health"] == "alive" for m in _status(party)["members"]), 30,
+          "the helper to join")
+    [helper] = [m for m in _status(party)["members"] if m["name"] == "helper"]
+    assert helper["voter"] is False and helper["raft_addr"] == ""
+    summary = _finish(party, "with-helper", tmp_path / "a.tsv")
+    assert (tmp_path / "a.tsv").read_bytes() == oracle([str(p) for p in corpus])
+    assert summary["done_on"].get("helper", 0) >= 1  # the newcomer took work
+
+    # a second job; the helper is uninvited while it runs
+    _submit(party, corpus, "helper-cut")
+    _wait(lambda: _job(party, "helper-cut")["maps_done"] >= 2, 60, "maps under way")
+    res = _cli(party, "uninvite", "helper")
+    assert res.returncode == 0, res.stderr
+    assert party.procs["helper"].wait(20) == 1  # it learns and stops
+    _finish(party, "helper-cut", tmp_path / "b.tsv")
+    assert (tmp_path / "b.tsv").read_bytes() == oracle([str(p) for p in corpus])
+    assert "helper" not in [m["name"] for m in _status(party)["members"]]
+    assert "invitation to the party was withdrawn" in (party.root / "helper.log").read_text()
+
+
+def test_core_members_cannot_be_uninvited(party: LocalParty) -> None:
+    res = _cli(party, "uninvite", party.names[1])
+    assert res.returncode == 1 and "core remove" in res.stderr
+
+
+def _job(party: LocalParty, job_id: str) -> dict[str, Any]:
+    async def go() -> list[dict[str, Any]]:
+        async with Client(party.addr(0), party.key) as c:
+            return (await c.call("jobs"))["jobs"]
+
+    [j] = [j for j in asyncio.run(go()) if j["id"] == job_id]
+    return j
