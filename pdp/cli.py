@@ -78,7 +78,7 @@ def node(
 
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    logging.getLogger("pysyncobj").setLevel(logging.WARNING)
+    logging.getLogger("pysyncobj").setLevel(logging.DEBUG if verbose else logging.WARNING)
     overrides = {"name": name, "listen": listen, "advertise": advertise, "raft_port": raft_port,
                  "peers": tuple(peer), "data_dir": data_dir, "key_file": key_file, "cpus": cpus}
     try:
@@ -291,6 +291,42 @@ def uninvite(
     print(f"{name} is no longer invited; it has been disconnected")
 
 
+core_app = typer.Typer(no_args_is_help=True, help="Change the Raft core (the voters), one member at a time.")
+app.add_typer(core_app, name="core")
+
+
+@core_app.command("add")
+def core_add(
+    name: str = typer.Argument(..., help="a member that works without a Raft seat"),
+    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+) -> None:
+    """Give a member a Raft seat (keep the core at 3 or 5 voters)."""
+    res = _run(_call(_node_addr(node), _key(key_file), "core", action="add", name=name))
+    print(f"{name} is a core member; voters: {', '.join(res['voters'])}")
+
+
+@core_app.command("remove")
+def core_remove(
+    name: str = typer.Argument(..., help="a core member"),
+    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+) -> None:
+    """Take a member's Raft seat away (leadership moves first if it leads); it stays a worker."""
+    res = _run(_call(_node_addr(node), _key(key_file), "core", action="remove", name=name))
+    print(f"{name} left the core; voters: {', '.join(res['voters'])}")
+
+
+@app.command()
+def leave(
+    node: Optional[str] = typer.Option(None, help="HOST:PORT of the member that leaves (default: $PDP_NODE)"),
+    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+) -> None:
+    """The member at --node leaves the party cleanly: its Raft seat and tasks are handed over."""
+    _run(_call(_node_addr(node), _key(key_file), "leave"))
+    print(f"the member at {_node_addr(node)} left the party")
+
+
 @app.command()
 def demo(
     nodes: int = typer.Option(3, help="how many local nodes"),
@@ -304,7 +340,7 @@ def demo(
 
 async def _call(addr: str, key: bytes, kind: str, **fields: Any) -> dict[str, Any]:
     async with Client(addr, key) as client:
-        return await client.call(kind, **fields)
+        return await client.call(kind, timeout=60.0, **fields)
 
 
 _TEMPLATE = """\

@@ -119,8 +119,8 @@ class Client:
         finally:
             stream.close()
 
-    async def call(self, kind: str, **fields: Any) -> dict[str, Any]:
-        frame = await self._conn().request({"t": kind, **fields}, timeout=15.0)
+    async def call(self, kind: str, timeout: float = 15.0, **fields: Any) -> dict[str, Any]:
+        frame = await self._conn().request({"t": kind, **fields}, timeout=timeout)
         return frame.header
 
 

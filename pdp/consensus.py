@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -185,10 +187,11 @@ class Consensus:
         logging.getLogger("pysyncobj").addHandler(self.truncations)
         self.replica = _Replica(self._notify)  # before the SyncObj (guide: restart trap)
         data_dir.mkdir(parents=True, exist_ok=True)
+        voter = self_addr is not None  # a worker follows the log read-only, in memory (no files)
         conf = SyncObjConf(
             password=password,
-            journalFile=str(data_dir / "raft.journal"),
-            fullDumpFile=str(data_dir / "raft.dump"),
+            journalFile=str(data_dir / "raft.journal") if voter else None,
+            fullDumpFile=str(data_dir / "raft.dump") if voter else None,
             appendEntriesUseBatch=False,
             appendEntriesPeriod=tuning.append_period,
             raftMinTimeout=tuning.election_min,
@@ -203,6 +206,8 @@ class Consensus:
             conf.bindAddress = f"{bind_host}:{self_addr.rsplit(':', 1)[1]}"
         self.self_addr = self_addr
         self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf, consumers=[self.replica])
+        self._tick_jobs: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
+        self._sync.addOnTickCallback(self._run_tick_jobs)
         _keep_next_index_monotonic(self._sync)
         journal = self._sync._SyncObj__raftLog  # type: ignore[attr-defined]
         self.divergence = _DivergenceWatch(journal, lambda: int(self._sync.raftLastApplied))
@@ -245,6 +250,44 @@ class Consensus:
         leader = self._sync._getLeader()
         return None if leader is None else str(leader.address)
 
+    async def change_membership(self, action: str, raft_addr: str, timeout: float = 10.0) -> None:
+        """Add or remove one voter (pysyncobj dynamic membership); call on the leader, one at a time."""
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+
+        def done(result: Any, err: int) -> None:
+            self._loop.call_soon_threadsafe(_settle, fut, {"ok": True}, err)
+
+        if action == "add":
+            self._sync.addNodeToCluster(raft_addr, callback=done)
+        else:
+            self._sync.removeNodeFromCluster(raft_addr, callback=done)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise ConsensusError(f"the membership change was not committed within {timeout:g} s") from None
+
+    async def transfer_leadership(self, timeout: float = 10.0) -> None:
+        """Hand leadership to the most caught-up voter (run on the tick thread) and wait for it."""
+        deadline = time.monotonic() + timeout
+        while self.is_leader():
+            if time.monotonic() > deadline:
+                raise ConsensusError("leadership could not be handed over (no caught-up voter?)")
+            # denied while no follower holds every entry: asked again until it moves
+            self._tick_jobs.put(self._sync.transferLeadership)
+            await asyncio.sleep(0.1)
+
+    def _run_tick_jobs(self) -> None:
+        """On pysyncobj's tick thread (which holds its callback lock: never add/remove here)."""
+        while True:
+            try:
+                job = self._tick_jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                job()
+            except Exception:  # pragma: no cover - never raise into pysyncobj
+                log.exception("tick job failed")
+
     def voters(self) -> list[str]:
         """The Raft addresses of the current voters (pysyncobj's view, after membership changes)."""
         sync = self._sync
@@ -267,6 +310,11 @@ class Consensus:
     def close(self) -> None:
         logging.getLogger("pysyncobj").removeHandler(self.truncations)
         self._sync.destroy()
+
+    async def aclose(self) -> None:
+        """Destroy and wait until pysyncobj's thread and sockets are gone (before a role change)."""
+        logging.getLogger("pysyncobj").removeHandler(self.truncations)
+        await asyncio.to_thread(self._sync.destroy_synchronous)
 
 
 def _settle(fut: asyncio.Future[dict[str, Any]], result: Any, err: int) -> None:

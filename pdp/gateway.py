@@ -16,7 +16,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from pdp.consensus import ConsensusError
-from pdp.errors import InputError, PdpError, ProtocolError
+from pdp.errors import InputError, PdpError, ProtocolError, RemoteError
 from pdp.fsutil import atomic_writer
 from pdp.jobs import job_kind
 from pdp.spool import check_id
@@ -40,7 +40,8 @@ class Gateway:
 
     def handlers(self) -> dict[str, Handler]:
         return {"submit": self._submit, "wait": self._wait, "result": self._result, "status": self._status,
-                "jobs": self._jobs, "invite": self._invite, "uninvite": self._uninvite}
+                "jobs": self._jobs, "invite": self._invite, "uninvite": self._uninvite, "core": self._core,
+                "leave": self._leave}
 
     def _job(self, job_id: str) -> Job | None:
         assert self.node.consensus is not None
@@ -244,6 +245,49 @@ class Gateway:
         await self._commit({"op": "uninvite", "name": name, "term": term}, patience=10.0)
         log.warning("%s withdrew the invitation of %s", stream.conn.peer_name, name)
         await stream.send({"t": "uninvited", "name": name})
+
+    # -- the core and leaving -------------------------------------------------------------
+
+    async def _core(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        reply = await self._at_master({"t": "core_change", "action": str(hdr["action"]), "name": str(hdr["name"])})
+        await stream.send({"t": "ok", "voters": reply.get("voters", [])})
+
+    async def _at_master(self, request: dict[str, Any], patience: float = 30.0) -> dict[str, Any]:
+        """Send a request to the master, following it when leadership moves (``moved``)."""
+        deadline, moved_from = time.monotonic() + patience, ""
+        while time.monotonic() < deadline:
+            master = self.node.master_addr()
+            if master is None or master[0] == moved_from:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                frame = await self.node.peers.request(master[1], request, timeout=patience)
+            except RemoteError as exc:
+                if "is not the master" not in str(exc):
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            if frame.header["t"] != "moved":
+                return frame.header
+            moved_from = master[0]
+        raise PdpError("no master answered; is a majority of the core up? (pdp status)")
+
+    async def _leave(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """This member leaves: out of the core first if it votes, then its work is handed back."""
+        node = self.node
+        if node.voter:
+            await self._at_master({"t": "core_change", "action": "remove", "name": node.name})
+            deadline = time.monotonic() + 20
+            while node.voter and time.monotonic() < deadline:  # the master turns us into a worker
+                await asyncio.sleep(0.1)
+        node.worker.leaving = True
+        assert node.consensus is not None
+        with node.consensus.reading() as state:
+            term = state.master["term"]
+        await self._commit({"op": "leave", "name": node.name, "term": term}, patience=20.0)
+        log.warning("%s left the party", node.name)
+        await stream.send({"t": "ok"})
+        node.stopping.set()
 
     # -- status / jobs --------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from pdp.errors import PdpError
 from pdp.jobs import job_kind
 from pdp.scheduler import TaskKey, jobs_to_assemble, pick_task
 from pdp.state import Job, Task
-from pdp.transport import Handler, Stream, split_addr
+from pdp.transport import Handler, Stream, raft_addr_of, split_addr
 
 if TYPE_CHECKING:
     from pdp.node import Node
@@ -54,28 +54,31 @@ class Master:
         self.watch: dict[tuple[str, str, int, int], list[float]] = {}  # attempt -> [progress, moved_at, seen_at]
         self.declared_dead: set[str] = set()
         self.probed: dict[str, float] = {}
+        self.core_lock = asyncio.Lock()  # pysyncobj needs membership changes one at a time
         cfg = node.config
         self.dead_after, self.stall_after, self.max_failures = cfg.dead_after, cfg.stall_after, cfg.max_failures
 
     def handlers(self) -> dict[str, Handler]:
         return {"get_task": self._get_task, "task_done": self._task_done, "task_failed": self._task_failed,
-                "heartbeat": self._heartbeat, "live": self._live, "unreachable": self._unreachable}
+                "heartbeat": self._heartbeat, "live": self._live, "unreachable": self._unreachable,
+                "core_change": self._core}
 
     # -- becoming master ----------------------------------------------------------------
 
     def is_master(self) -> bool:
         c = self.node.consensus
-        assert c is not None
-        if not c.is_leader():
+        if c is None or not c.is_leader():
             return False
         with c.reading() as state:
             return state.master["term"] == c.term() and state.master["name"] == self.node.name
 
     async def run(self) -> None:
         """Claim mastership after each election won; assemble finished jobs while master."""
-        c = self.node.consensus
-        assert c is not None
         while True:
+            c = self.node.consensus
+            if c is None:  # switching between voter and worker
+                await asyncio.sleep(0.1)
+                continue
             if c.is_leader() and not self.is_master():
                 await self._claim(c.term())
             if self.is_master():
@@ -189,6 +192,54 @@ class Master:
             log.warning("job %s: %d %s output(s) unreachable on %s run again", hdr["job"], res["redone"],
                         hdr["phase"], hdr["holder"])
         await stream.send({"t": "ok"})
+
+    # -- the core (Raft voters) ---------------------------------------------------------------
+
+    async def _core(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Add a worker to the Raft core or remove a voter from it, one change at a time.
+
+        Add: commit the new voter first, then tell the member to follow the log as a voter
+        (pysyncobj's order). Remove: the leader cannot remove itself, so it hands leadership
+        over and answers ``moved`` (the gateway asks the new master)."""
+        self._require()
+        c = self.node.consensus
+        assert c is not None
+        action, name = str(hdr["action"]), str(hdr["name"])
+        log.info("core %s %s requested", action, name)
+        async with self.core_lock:
+            with c.reading() as state:
+                member = state.members.get(name)
+            if member is None:
+                raise PdpError(f"no member called {name} (see `pdp status`)")
+            voters = c.voters()
+            if action == "add":
+                if member.voter:
+                    raise PdpError(f"{name} is already a core member")
+                addr = raft_addr_of(member.data_addr)
+                await c.change_membership("add", addr)
+                log.info("core: %s added to the Raft configuration; telling it to take its seat", addr)
+                await self.node.peers.request(member.data_addr, {"t": "become", "voter": True,
+                                                                 "core": sorted({*voters, addr})}, timeout=15.0)
+            elif action == "remove":
+                if not member.voter:
+                    raise PdpError(f"{name} is not a core member")
+                if len(voters) <= 1:
+                    raise PdpError("the core cannot lose its last voter")
+                if name == self.node.name:
+                    await c.transfer_leadership()
+                    await stream.send({"t": "moved"})
+                    return
+                await c.change_membership("remove", member.raft_addr)
+                try:
+                    await self.node.peers.request(member.data_addr, {"t": "become", "voter": False,
+                                                                     "core": sorted(set(voters) - {member.raft_addr})},
+                                                  timeout=15.0)
+                except (PdpError, OSError) as exc:
+                    log.warning("%s left the core but did not answer (%s); it follows as a worker when back", name, exc)
+            else:
+                raise PdpError(f"unknown core action {action!r}: use add or remove")
+        log.warning("core %s %s: voters now %s", action, name, ", ".join(c.voters()))
+        await stream.send({"t": "ok", "voters": c.voters()})
 
     # -- liveness ---------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import multiprocessing
@@ -28,17 +29,11 @@ from pdp.fsutil import atomic_write
 from pdp.split import aligned_bounds
 from pdp.spool import Spool
 from pdp.streams import recv_file, send_file
-from pdp.transport import Connection, Handler, Peers, Stream, accept, split_addr
+from pdp.transport import Connection, Handler, Peers, Stream, accept, raft_addr_of, split_addr
 
 log = logging.getLogger("pdp.node")
 
 MAX_CONNECTIONS_PER_HOST = 64
-
-
-def raft_addr_of(data_addr: str) -> str:
-    """A core member's Raft address: its data port + 1 (documented convention)."""
-    host, port = split_addr(data_addr)
-    return f"{host}:{port + 1}"
 
 
 def new_pool(workers: int) -> ProcessPoolExecutor:
@@ -101,6 +96,7 @@ class Node:
         self.exit_code = 0
         self.voter = True
         self.registered = asyncio.Event()
+        self.seen_members: set[str] = set()  # names once admitted: only those can be cut off
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -131,8 +127,11 @@ class Node:
             cfg.listen.rsplit(":", 1)[0], self._on_change,
         )
         self.handlers.update({"fetch_range": self._fetch_range, "fetch_file": self._fetch_file,
-                              "store_file": self._store_file, "store_input": self._store_input})
+                              "store_file": self._store_file, "store_input": self._store_input,
+                              "become": self._become})
         for part in (self.master, self.worker, self.gateway):
+            clash = set(part.handlers()) & set(self.handlers)
+            assert not clash, f"request types handled twice: {clash}"
             self.handlers.update(part.handlers())
         log.info("node %s listening on %s (advertised %s), %s, core %s, %d task slot(s)", self.name, cfg.listen,
                  cfg.advertise_addr, f"Raft voter at {cfg.raft_addr}" if self.voter else "worker (no Raft seat)",
@@ -226,6 +225,36 @@ class Node:
             master, members = state.master["name"], len(state.members)
         await stream.send({"t": "party", "master": master, "core": c.voters(), "members": members})
 
+    async def _become(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """The master changed this member's Raft seat: follow the log as a voter or a worker."""
+        if stream.conn.peer_name != self.master_addr_name():
+            raise PdpError("only the master changes the core")
+        await self.switch_role(bool(hdr["voter"]), sorted(str(a) for a in hdr["core"]))
+        await stream.send({"t": "ok"})
+
+    def master_addr_name(self) -> str:
+        found = self.master_addr()
+        return found[0] if found else ""
+
+    async def switch_role(self, voter: bool, core: list[str]) -> None:
+        """Replace the Raft member with a voter or a read-only follower (state comes from the log)."""
+        cfg, old = self.config, self.consensus
+        if old is None or voter == self.voter:
+            return
+        self.consensus = None
+        await old.aclose()
+        if not voter:  # a former voter's journal no longer matches the core: start clean
+            for f in ("raft.journal", "raft.journal.meta", "raft.dump"):
+                (cfg.data_dir / "raft" / f).unlink(missing_ok=True)
+        self.voter = voter
+        atomic_write(cfg.data_dir / "party.json", json.dumps({"voter": voter, "core": core}).encode(), mode=0o600)
+        self.consensus = Consensus(cfg.raft_addr if voter else None, core, wire.derive(self.key, "raft").hex(),
+                                   cfg.data_dir / "raft", cfg.listen.rsplit(":", 1)[0], self._on_change)
+        log.warning("%s is now %s; core %s", self.name, "a Raft voter" if voter else "a worker (no Raft seat)",
+                    ", ".join(core))
+        self.registered.clear()
+        self.tasks.append(asyncio.create_task(self._register()))
+
     def _admit(self, name: str, role: str) -> str | None:
         """Only invited nodes talk to members (clients need just the secret)."""
         c = self.consensus
@@ -246,13 +275,13 @@ class Node:
         if c is None:
             return
         with c.reading() as state:
-            admitted = {name for name in {conn.peer_name for conn in self.connections} | {self.name}
-                        if state.admitted(name)}
+            self.seen_members |= set(state.invited) | set(state.members)
+            withdrawn = {name for name in self.seen_members if not state.admitted(name)}
         for conn in list(self.connections):
-            if conn.peer_role == "node" and conn.peer_name not in admitted:
+            if conn.peer_role == "node" and conn.peer_name in withdrawn:
                 log.warning("disconnected %s: its invitation was withdrawn", conn.peer_name)
                 conn.close()
-        if self.registered.is_set() and not self.voter and self.name not in admitted:
+        if self.registered.is_set() and not self.voter and self.name in withdrawn:
             log.error("this node's invitation to the party was withdrawn; stopping")
             self.exit_code = 1
             self.stopping.set()
@@ -285,7 +314,8 @@ class Node:
 
     def master_addr(self) -> tuple[str, str] | None:
         """(name, data address) of the current master, if one has committed its term."""
-        assert self.consensus is not None
+        if self.consensus is None:
+            return None
         with self.consensus.reading() as state:
             master = dict(state.master)
         return (master["name"], master["data_addr"]) if master["name"] else None
@@ -374,6 +404,7 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
 
 def run_node(config: NodeConfig) -> int:
     """Run a node until SIGTERM/SIGINT (on uvloop where installed); returns the exit code."""
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack to the log
     node = Node(config)
     try:
         import uvloop

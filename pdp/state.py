@@ -128,7 +128,7 @@ class State:
         name, data, raft, voter = str(c["name"]), str(c["data_addr"]), str(c["raft_addr"]), bool(c.get("voter", True))
         cpus, now = int(c["cpus"]), float(c["now"])
         known = self.members.get(name)
-        if known is not None and (known.raft_addr, known.data_addr) != (raft, data) and known.voter:
+        if known is not None and known.data_addr != data:
             return _err(f"the name {name!r} is taken by the member at {known.data_addr}; give this node another --name")
         if not voter and name not in self.invited:
             return _err(f"{name} is not invited to this party: a member must first run `pdp invite {name}`",
@@ -155,6 +155,19 @@ class State:
             return _err(f"{name} is not invited")
         del self.invited[name]
         self.members.pop(name, None)
+        if int(c["term"]) == self.master["term"]:
+            self._lost({"node": name, "term": c["term"]})
+        return {"ok": True}
+
+    def _leave(self, c: Cmd) -> Result:
+        """A member leaves cleanly (its invitation stays: it may come back)."""
+        name = str(c["name"])
+        member = self.members.get(name)
+        if member is None:
+            return {"ok": True, "gone": True}
+        if member.voter:
+            return _err(f"{name} is a core (Raft) member: it must be removed from the core first")
+        del self.members[name]
         if int(c["term"]) == self.master["term"]:
             self._lost({"node": name, "term": c["term"]})
         return {"ok": True}
@@ -374,4 +387,5 @@ _HANDLERS = {
     "redo": State._redo,
     "invite": State._invite,
     "uninvite": State._uninvite,
+    "leave": State._leave,
 }

@@ -169,8 +169,10 @@ class Connection:
             if handler is None:
                 raise ProtocolError(f"unknown request type {kind!r}")
             await handler(stream, frame.header, frame.payload)
-        except ConnectionLost:
-            pass
+        except ConnectionLost as exc:
+            if not self.closed:  # lost on another connection the handler used: tell our peer
+                with contextlib.suppress(ConnectionLost, ConnectionError):
+                    await stream.error(type(exc).__name__, str(exc))
         except PdpError as exc:
             with contextlib.suppress(ConnectionLost, ConnectionError):
                 await stream.error(type(exc).__name__, str(exc))
@@ -317,6 +319,12 @@ def split_addr(addr: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise PdpError(f"bad address {addr!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def raft_addr_of(data_addr: str) -> str:
+    """A member's Raft address: its data port + 1 (the documented convention)."""
+    host, port = split_addr(data_addr)
+    return f"{host}:{port + 1}"
 
 
 class Peers:

@@ -46,6 +46,7 @@ class Worker:
         self.running: dict[int, dict[str, Any]] = {}  # slot -> what it runs (listed in heartbeats)
         self.highest_term = 0
         self.done_count = 0
+        self.leaving = False  # set by `pdp leave`: ask for no more work
         cfg = node.config
         # a heartbeat stuck on a master that is gone must give up well before the new master
         # counts this member silent (dead_after), so the next one reaches the new master in time
@@ -64,6 +65,9 @@ class Worker:
         await self.node.registered.wait()  # the master only talks to members
         backoff = 0.1
         while True:
+            if self.leaving:
+                return
+            await self.node.registered.wait()  # again after a change of Raft seat
             try:
                 task = await self._ask()
                 backoff = 0.1

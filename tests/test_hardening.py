@@ -33,14 +33,14 @@ hostile = st.one_of(
     st.builds(lambda h, p: PREFIX.pack(h, p), st.integers(65537, 2**32 - 1), st.integers(0, 2**32 - 1)),
     st.builds(lambda p: PREFIX.pack(20, p) + b"x" * 20, st.integers(1, 2**20)),  # payload before auth
     st.builds(lambda h: _frame(h), st.dictionaries(st.sampled_from(["t", "v", "role", "name", "nonce", "s"]),
-                                                   st.one_of(st.text(max_size=40), st.integers(), st.binary(max_size=40),
+                                                   st.one_of(st.text(max_size=40), st.integers(-2**63, 2**64 - 1), st.binary(max_size=40),
                                                              st.none()), max_size=6)),
     st.builds(lambda n: _frame({"t": "hello", "v": 1, "role": "node", "name": "x", "nonce": n}),
               st.binary(max_size=64)),
     st.builds(lambda cut: _frame({"t": "hello", "v": 1, "role": "client", "name": "fz", "nonce": b"n" * 32})[:cut],
               st.integers(1, 40)),
     st.just(_frame({"t": "status", "s": 1})),  # a request without a handshake
-    st.builds(lambda code, data: bytes([0x81, 0xa1, 0x74, 0xc7, len(data), code]) + data,
+    st.builds(lambda code, data: bytes([0x81, 0xa1, 0x74, 0xc7, len(data), code & 0xFF]) + data,
               st.integers(-128, 127), st.binary(max_size=20)).map(lambda h: PREFIX.pack(len(h), 0) + h),  # ExtType
 )
 

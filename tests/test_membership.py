@@ -118,3 +118,56 @@ def _job(party: LocalParty, job_id: str) -> dict[str, Any]:
 
     [j] = [j for j in asyncio.run(go()) if j["id"] == job_id]
     return j
+
+
+def _voters(party: LocalParty) -> dict[str, bool]:
+    return {m["name"]: m["voter"] for m in _status(party)["members"]}
+
+
+def test_a_voter_is_added_and_removed_while_a_job_runs(party: LocalParty, corpus: list[Path], tmp_path: Path) -> None:
+    assert _cli(party, "invite", "seat").returncode == 0
+    party.add_node("seat", peers=[0])
+    _wait(lambda: _voters(party).get("seat") is False, 30, "seat to join as a worker")
+    _submit(party, corpus, "core-change")
+    res = _cli(party, "core", "add", "seat")
+    assert res.returncode == 0, res.stderr
+    _wait(lambda: _voters(party).get("seat") is True, 30, "seat to hold a Raft seat")
+    assert len(_status(party)["raft"]) and "voters" in res.stdout
+    res = _cli(party, "core", "remove", "seat")
+    assert res.returncode == 0, res.stderr
+    _wait(lambda: _voters(party).get("seat") is False, 30, "seat to be a worker again")
+    _finish(party, "core-change", tmp_path / "out.tsv")
+    assert (tmp_path / "out.tsv").read_bytes() == oracle([str(p) for p in corpus])
+    views = [_status(party, i) for i in range(3)]
+    assert len({v["leader"] for v in views}) == 1 and all(v["raft"]["diverged"] == 0 for v in views)
+
+
+def test_members_leave_cleanly_mid_job_even_the_leader(party: LocalParty, corpus: list[Path],
+                                                       tmp_path: Path) -> None:
+    assert _cli(party, "invite", "visitor").returncode == 0
+    v = party.add_node("visitor", peers=[1])
+    _wait(lambda: _voters(party).get("visitor") is False, 30, "the visitor to join")
+    _submit(party, corpus, "leaving")
+    _wait(lambda: _job(party, "leaving")["maps_done"] >= 2, 60, "maps under way")
+    env = dict(os.environ, PDP_KEY_FILE=str(party.key_file))
+    res = subprocess.run([sys.executable, "-m", "pdp", "leave", "--node", party.addr(v)], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert party.procs["visitor"].wait(20) == 0
+    leader = party.names.index(_status(party)["leader"])
+    res = subprocess.run([sys.executable, "-m", "pdp", "leave", "--node", party.addr(leader)], capture_output=True,
+                         text=True, env=env, timeout=90)
+    assert res.returncode == 0, res.stderr
+    assert party.procs[party.names[leader]].wait(30) == 0
+    rest = [i for i in range(3) if i != leader]
+
+    async def go() -> None:
+        f = Failover([party.addr(i) for i in rest], party.key, patience=120)
+        await f.run(lambda c: c.wait("leaving"), "wait")
+        await f.run(lambda c: c.fetch_result("leaving", tmp_path / "out.tsv"), "fetch")
+
+    asyncio.run(go())
+    assert (tmp_path / "out.tsv").read_bytes() == oracle([str(p) for p in corpus])
+    st = asyncio.run(party.status(rest[0]))
+    assert st["leader"] in [party.names[i] for i in rest]
+    assert {m["name"] for m in st["members"]} == {party.names[i] for i in rest}

@@ -175,10 +175,10 @@ def test_member_name_taken_by_another_node_is_refused() -> None:
     s = State()
     ok(s, member_cmd("n1", cpus=4, now=1.0))
     clash = member_cmd("n1", cpus=2, now=2.0)
-    clash["raft_addr"] = "elsewhere:7002"
+    clash["data_addr"] = "elsewhere:7001"
     res = refused(s, clash)
     assert "n1" in res["error"]
-    assert s.members["n1"].raft_addr == "n1:7002" and s.members["n1"].cpus == 4
+    assert s.members["n1"].data_addr == "n1:7001" and s.members["n1"].cpus == 4
 
 
 def test_master_claims_terms() -> None:
