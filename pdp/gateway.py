@@ -281,6 +281,7 @@ class Gateway:
             while node.voter and time.monotonic() < deadline:  # the master turns us into a worker
                 await asyncio.sleep(0.1)
         node.worker.leaving = True
+        await self._hand_over_inputs()
         assert node.consensus is not None
         with node.consensus.reading() as state:
             term = state.master["term"]
@@ -288,6 +289,20 @@ class Gateway:
         log.warning("%s left the party", node.name)
         await stream.send({"t": "ok"})
         node.stopping.set()
+
+    async def _hand_over_inputs(self) -> None:
+        """Before leaving: every input of an unfinished job held here keeps two copies elsewhere."""
+        node = self.node
+        assert node.consensus is not None
+        with node.consensus.reading() as state:
+            work = [(j.id, k, inp["file_id"], [h for h in inp["holders"] if h in state.members and h != node.name])
+                    for j in state.active_jobs() for k, inp in enumerate(j.inputs) if node.name in inp["holders"]]
+            others = {m.name: m.data_addr for m in state.members.values() if m.name != node.name}
+        for job_id, k, file_id, holders in work:
+            for name in [n for n in sorted(others) if n not in holders][: max(0, 2 - len(holders))]:
+                await node.push_file(others[name], {"t": "store_input", "file": file_id}, node.spool.input(file_id))
+                await self._commit({"op": "add_holder", "job": job_id, "input": k, "node": name}, patience=10.0)
+                log.info("handed input %s of job %s over to %s", k, job_id, name)
 
     # -- status / jobs --------------------------------------------------------------------
 

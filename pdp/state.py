@@ -172,6 +172,16 @@ class State:
             self._lost({"node": name, "term": c["term"]})
         return {"ok": True}
 
+    def _add_holder(self, c: Cmd) -> Result:
+        """Another member now holds a copy of a job's input (a leaving member handed it over)."""
+        job, index, node = self.jobs.get(str(c["job"])), int(c["input"]), str(c["node"])
+        if job is None or not 0 <= index < len(job.inputs):
+            return _err(f"no input {index} in job {c['job']!r}")
+        holders = job.inputs[index]["holders"]
+        if node not in holders:
+            holders.append(node)
+        return {"ok": True}
+
     def admitted(self, name: str) -> bool:
         """May a node called ``name`` talk to members (bootstrap: anyone with the secret)?"""
         return name in self.invited or name in self.members or not self.master["name"]
@@ -388,4 +398,5 @@ _HANDLERS = {
     "invite": State._invite,
     "uninvite": State._uninvite,
     "leave": State._leave,
+    "add_holder": State._add_holder,
 }
