@@ -121,7 +121,8 @@ class Node:
             server.close()
             _stop_pool(self.pool)
             return 1
-        (cfg.data_dir / "raft").mkdir(parents=True, exist_ok=True, mode=0o700)
+        (cfg.data_dir / "raft").mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.data_dir / "raft", 0o700)  # the journal holds the party's state and invitations
         self.consensus = Consensus(
             cfg.raft_addr if self.voter else None, core, wire.derive(self.key, "raft").hex(), cfg.data_dir / "raft",
             cfg.listen.rsplit(":", 1)[0], self._on_change,

@@ -271,7 +271,6 @@ async def accept(
     # a stranger gets no room: handshake frames are small and carry no payload
     decoder, pending = wire.FrameDecoder(max_header=4096, max_payload=0), list[wire.Frame]()
     shake = wire.ListenerHandshake(key, name)
-    hello = None
     try:
         hello = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
         _send_now(writer, shake.on_hello(hello.header))
@@ -296,7 +295,7 @@ async def accept(
         writer.close()
         return None
     except (ProtocolError, ConnectionLost, asyncio.TimeoutError, OSError) as exc:
-        quiet = isinstance(exc, ConnectionLost) and hello is None and not decoder.buffered
+        quiet = isinstance(exc, ConnectionLost) and not decoder.fed
         # a connect-and-close (the master probing whether a silent member's process is alive) is no news
         (log.debug if quiet else log.warning)("dropped %s during the handshake: %s", peer, exc or "timed out")
         writer.close()

@@ -224,6 +224,7 @@ class FrameDecoder:
         self.max_header = max_header
         self.max_payload = max_payload
         self.opener: Sealer | None = None  # set after the handshake: frames are sealed from then on
+        self.fed = 0  # bytes received in all
         self._aad = b""
         self._error: ProtocolError | None = None
         self._prefix = bytearray()  # partial prefix (< 8 bytes)
@@ -248,6 +249,7 @@ class FrameDecoder:
         """Take the next bytes of the stream; return the frames they complete (maybe none)."""
         if self._error is not None:
             raise self._error
+        self.fed += len(data)
         try:
             return self._feed(data)
         except ProtocolError as exc:
