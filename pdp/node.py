@@ -154,7 +154,8 @@ class Node:
                 conn.close()
             self.peers.close()
             _stop_pool(self.pool)
-            self.consensus.close()
+            if self.consensus is not None:
+                self.consensus.close()
         return self.exit_code
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
