@@ -32,6 +32,7 @@ log = logging.getLogger("pdp.gateway")
 MAX_INPUTS = 1000
 MAX_REDUCES = 64
 KEEPALIVE = 5.0  # a waiting client hears from its gateway at least this often
+LAG_GRACE = 5.0  # how long a member waits for its copy of the log to show a job it is asked about
 
 
 class Gateway:
@@ -182,9 +183,12 @@ class Gateway:
         """Stream ``progress`` frames until the job ends, then ``done`` (or an error)."""
         job_id = check_id(str(hdr["id"]))
         last: dict[str, Any] | None = None
-        sent = 0.0
+        sent, grace = 0.0, time.monotonic() + LAG_GRACE
         while True:
             job = self._job(job_id)
+            if job is None and time.monotonic() < grace:
+                await self.node.changes.wait(0.2)  # this member's copy of the log may lag a moment
+                continue
             if job is None:
                 raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
             summary = job_summary(job)

@@ -67,8 +67,13 @@ async def _jobs(c: Client) -> list[dict[str, Any]]:
 
 
 async def job(party: LocalParty, job_id: str) -> dict[str, Any]:
-    [j] = [j for j in await jobs_view(party) if j["id"] == job_id]
-    return j
+    """The job as a member sees it (a follower's copy of the log may lag a moment)."""
+    for _ in range(50):
+        found = [j for j in await jobs_view(party) if j["id"] == job_id]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no member lists job {job_id}")
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -89,8 +94,8 @@ def finish(party: LocalParty, job_id: str, out: Path, inputs: list[Path]) -> dic
 
     summary = run(go())
     assert out.read_bytes() == oracle([str(p) for p in inputs])
-    listing = run(jobs_view(party))
-    assert [j["state"] for j in listing if j["id"] == job_id] == ["done"]
+    wait_until(lambda: [j["state"] for j in run(jobs_view(party)) if j["id"] == job_id] == ["done"], 10,
+               f"every view to list {job_id} once, done")
     assert sum(summary["done_on"].values()) == summary["maps"] + summary["reduces"]
     return summary
 
@@ -251,7 +256,8 @@ def _leader_kill(make_party: Callable[..., LocalParty], corpus: list[Path], tmp_
 
     summary, _ = run(scenario())
     assert out.read_bytes() == oracle([str(p) for p in corpus])
-    assert [j["state"] for j in run(jobs_view(party)) if j["id"] == f"leader-kill-{seed}"] == ["done"]
+    wait_until(lambda: [j["state"] for j in run(jobs_view(party)) if j["id"] == f"leader-kill-{seed}"] == ["done"],
+               10, "the job listed once, done")
     new_leader = leader_index(party, [i for i in range(party.n) if i != leader])
     assert new_leader != leader
     assert diverged(party, new_leader) == 0

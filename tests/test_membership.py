@@ -116,8 +116,12 @@ def _job(party: LocalParty, job_id: str) -> dict[str, Any]:
         async with Client(party.addr(0), party.key) as c:
             return (await c.call("jobs"))["jobs"]
 
-    [j] = [j for j in asyncio.run(go()) if j["id"] == job_id]
-    return j
+    for _ in range(50):  # a member's copy of the log may lag a moment
+        found = [j for j in asyncio.run(go()) if j["id"] == job_id]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no member lists job {job_id}")
 
 
 def _voters(party: LocalParty) -> dict[str, bool]:

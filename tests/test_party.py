@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,12 @@ def test_two_jobs_back_to_back_via_cli(party: LocalParty, corpus: list[Path], tm
         info = json.loads(res.stdout)
         assert out.read_bytes() == oracle([str(p) for p in files])
         assert info["output"] == str(out)
-    jobs = json.loads(_cli("jobs", "--json", "--node", party.addr(2), key_file=party.key_file).stdout)
-    mine = [j for j in jobs if j["form"]["comment"].startswith("back to back")]
+    for _ in range(50):  # party.addr(2)'s copy of the log may lag a moment
+        jobs = json.loads(_cli("jobs", "--json", "--node", party.addr(2), key_file=party.key_file).stdout)
+        mine = [j for j in jobs if j["form"]["comment"].startswith("back to back")]
+        if [j["state"] for j in mine] == ["done", "done"]:
+            break
+        time.sleep(0.1)
     assert [j["state"] for j in mine] == ["done", "done"]
     assert mine[0]["form"]["size"] == sum(p.stat().st_size for p in corpus[:3])
 
