@@ -21,7 +21,6 @@ from pdp import wire
 from pdp.errors import ConfigError
 
 DEFAULT_PORT = 7700
-MiB = 1024 * 1024
 
 
 def default_key_file() -> Path:

@@ -246,10 +246,6 @@ class Consensus:
     def term(self) -> int:
         return int(self._sync.raftCurrentTerm)
 
-    def leader_addr(self) -> str | None:
-        leader = self._sync._getLeader()
-        return None if leader is None else str(leader.address)
-
     async def change_membership(self, action: str, raft_addr: str, timeout: float = 10.0) -> None:
         """Add or remove one voter (pysyncobj dynamic membership); call on the leader, one at a time."""
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()

@@ -65,11 +65,9 @@ class Changes:
     """Wakes waiters whenever the replicated state (or the Raft role) changes."""
 
     def __init__(self) -> None:
-        self.version = 0
         self._event = asyncio.Event()
 
     def notify(self) -> None:
-        self.version += 1
         self._event.set()
         self._event = asyncio.Event()
 

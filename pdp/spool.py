@@ -17,7 +17,6 @@ Every name is built here from validated ids, so nothing from the wire picks a pa
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 from pdp.errors import PdpError
@@ -50,6 +49,3 @@ class Spool:
         if not isinstance(name, str) or not _NAME.match(name):
             raise PdpError(f"bad spool file name {name!r}")
         return self.job_dir(job_id) / name
-
-    def drop_job(self, job_id: str) -> None:
-        shutil.rmtree(self.root / "jobs" / check_id(job_id), ignore_errors=True)

@@ -379,9 +379,6 @@ class State:
     def active_jobs(self) -> list[Job]:
         return sorted((j for j in self.jobs.values() if j.state in ACTIVE), key=lambda j: j.seq)
 
-    def member_by_name(self, name: str) -> Member | None:
-        return self.members.get(name)
-
 
 _HANDLERS = {
     "member": State._member,

@@ -45,7 +45,6 @@ class Worker:
         self.node = node
         self.running: dict[int, dict[str, Any]] = {}  # slot -> what it runs (listed in heartbeats)
         self.highest_term = 0
-        self.done_count = 0
         self.leaving = False  # set by `pdp leave`: ask for no more work
         cfg = node.config
         # a heartbeat stuck on a master that is gone must give up well before the new master
@@ -144,7 +143,6 @@ class Worker:
             return
         stats["seconds"] = round(time.monotonic() - t0, 4)
         await self._report({"t": "task_done", **ident, "stats": stats})
-        self.done_count += 1
 
     async def _report(self, header: dict[str, Any]) -> None:
         """Tell the master, retrying across a master change until one answers."""

@@ -155,13 +155,13 @@ def test_fresh_state() -> None:
     assert s.master == {"term": 0, "name": "", "data_addr": ""}
     assert s.next_seq == 0 and s.applied == 0
     assert s.active_jobs() == []
-    assert s.member_by_name("x") is None
+    assert s.members.get("x") is None
 
 
 def test_member_joins_and_rejoins() -> None:
     s = State()
     assert s.apply(member_cmd("n1", cpus=4, now=1.5)) == {"ok": True}
-    m = s.member_by_name("n1")
+    m = s.members.get("n1")
     assert m is not None
     assert (m.name, m.data_addr, m.raft_addr, m.cpus, m.joined_at) == ("n1", "n1:7001", "n1:7002", 4, 1.5)
     ok(s, member_cmd("n2", cpus=2, now=2.0))
