@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -30,6 +30,8 @@ T = TypeVar("T")
 
 NODE_HELP = "HOST:PORT of any member (default: $PDP_NODE, else 127.0.0.1:7700)"
 KEY_HELP = "the party secret (default: $PDP_KEY_FILE, else the per-user config dir)"
+NodeOpt = Annotated[Optional[str], typer.Option(help=NODE_HELP)]
+KeyOpt = Annotated[Optional[Path], typer.Option(envvar="PDP_KEY_FILE", help=KEY_HELP)]
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -67,7 +69,7 @@ def node(
     raft_port: Optional[int] = typer.Option(None, help="Raft port (default: data port + 1)"),
     peer: list[str] = typer.Option([], help="data-plane HOST:PORT of another core member (repeatable)"),
     data_dir: Optional[Path] = typer.Option(None, help="Raft journal and dump, spool (default: per-user data dir)"),
-    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    key_file: KeyOpt = None,
     config: Optional[Path] = typer.Option(None, help="TOML settings file; flags override it"),
     cpus: Optional[int] = typer.Option(None, help="task slots this node gives (default: all cores)"),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="log debug detail"),
@@ -113,12 +115,12 @@ def submit(
     job: str = typer.Argument(..., help="job kind, e.g. wordcount"),
     inputs: list[Path] = typer.Argument(..., help="input files on this machine"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="where to write the result (default <job-id>.tsv)"),
-    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    node: NodeOpt = None,
     comment: str = typer.Option("", help="free text kept with the job"),
     data_type: str = typer.Option("text/utf-8", help="the inputs' data type"),
     detach: bool = typer.Option(False, help="print the job id and return without waiting"),
     as_json: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
-    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    key_file: KeyOpt = None,
 ) -> None:
     """Submit a job with its input files; wait for it and write the result."""
     job_id = new_job_id(job)
@@ -190,9 +192,9 @@ class _progress_view:
 
 @app.command()
 def status(
-    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    node: NodeOpt = None,
     as_json: bool = typer.Option(False, "--json", help="print JSON (top-level `leader` names the leader)"),
-    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    key_file: KeyOpt = None,
 ) -> None:
     """Members, leader, term, heartbeats and current tasks."""
     st = _run(_call(_node_addr(node), _key(key_file), "status"))
@@ -231,9 +233,9 @@ def _size(n: float) -> str:
 
 @app.command()
 def jobs(
-    node: Optional[str] = typer.Option(None, help=NODE_HELP),
+    node: NodeOpt = None,
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
-    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    key_file: KeyOpt = None,
 ) -> None:
     """The party's jobs, oldest first."""
     listing = _run(_call(_node_addr(node), _key(key_file), "jobs"))["jobs"]
@@ -252,8 +254,8 @@ def jobs(
 def result(
     job_id: str = typer.Argument(..., help="the job id that submit printed"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="where to write it (default <job-id>.tsv)"),
-    node: Optional[str] = typer.Option(None, help=NODE_HELP),
-    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    node: NodeOpt = None,
+    key_file: KeyOpt = None,
 ) -> None:
     """Fetch a finished job's output."""
     out = output or Path(f"{job_id}.tsv")
@@ -269,8 +271,8 @@ def result(
 @app.command()
 def invite(
     name: str = typer.Argument(..., help="the new member's node name (its --name)"),
-    node: Optional[str] = typer.Option(None, help=NODE_HELP),
-    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    node: NodeOpt = None,
+    key_file: KeyOpt = None,
 ) -> None:
     """Invite a member: only invited nodes may join the party."""
     key_path = key_file or default_key_file()
@@ -283,8 +285,8 @@ def invite(
 @app.command()
 def uninvite(
     name: str = typer.Argument(..., help="the member's node name"),
-    node: Optional[str] = typer.Option(None, help=NODE_HELP),
-    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    node: NodeOpt = None,
+    key_file: KeyOpt = None,
 ) -> None:
     """Withdraw an invitation: the member is cut off at once and its tasks run elsewhere."""
     _run(_call(_node_addr(node), _key(key_file), "uninvite", name=name))
@@ -298,8 +300,8 @@ app.add_typer(core_app, name="core")
 @core_app.command("add")
 def core_add(
     name: str = typer.Argument(..., help="a member that works without a Raft seat"),
-    node: Optional[str] = typer.Option(None, help=NODE_HELP),
-    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    node: NodeOpt = None,
+    key_file: KeyOpt = None,
 ) -> None:
     """Give a member a Raft seat (keep the core at 3 or 5 voters)."""
     res = _run(_call(_node_addr(node), _key(key_file), "core", action="add", name=name))
@@ -309,8 +311,8 @@ def core_add(
 @core_app.command("remove")
 def core_remove(
     name: str = typer.Argument(..., help="a core member"),
-    node: Optional[str] = typer.Option(None, help=NODE_HELP),
-    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    node: NodeOpt = None,
+    key_file: KeyOpt = None,
 ) -> None:
     """Take a member's Raft seat away (leadership moves first if it leads); it stays a worker."""
     res = _run(_call(_node_addr(node), _key(key_file), "core", action="remove", name=name))
@@ -320,7 +322,7 @@ def core_remove(
 @app.command()
 def leave(
     node: Optional[str] = typer.Option(None, help="HOST:PORT of the member that leaves (default: $PDP_NODE)"),
-    key_file: Optional[Path] = typer.Option(None, envvar="PDP_KEY_FILE", help=KEY_HELP),
+    key_file: KeyOpt = None,
 ) -> None:
     """The member at --node leaves the party cleanly: its Raft seat and tasks are handed over."""
     _run(_call(_node_addr(node), _key(key_file), "leave"))

@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pdp.errors import InputError, PdpError, RemoteError
+from pdp.errors import InputError, PdpError
 from pdp.jobs import job_kind
 from pdp.progress import read as read_progress
 from pdp.progress import report as report_progress

@@ -1,10 +1,13 @@
-"""Shared fixtures: the corpus beside the repo, and a real 3-node local party."""
+"""Shared fixtures: the corpus beside the repo, a real 3-node local party, and a factory of
+parties running the test-only `chaos` job kind with short leases."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,3 +34,25 @@ def party(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalParty]:
         yield p
     finally:
         p.stop()
+
+
+FAST = {"heartbeat": 0.5, "dead_after": 2.0, "stall_after": 20.0}
+
+
+@pytest.fixture
+def make_party(tmp_path: Path) -> Iterator[Callable[..., LocalParty]]:
+    parties: list[LocalParty] = []
+
+    def make(chaos: str = "sleep=0.15", n: int = 3, **settings: Any) -> LocalParty:
+        party = LocalParty(tmp_path / f"party{len(parties)}", n=n, cpus=1,
+                           env={"PDP_TEST_KINDS": "1", "PDP_CHAOS": chaos}, settings={**FAST, **settings})
+        parties.append(party)
+        party.start()
+        asyncio.run(party.wait_ready(60))
+        return party
+
+    yield make
+    for party in parties:
+        for i in range(party.n):
+            party.signal(i, signal.SIGCONT)
+        party.stop()

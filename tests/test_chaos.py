@@ -9,11 +9,10 @@ are marked ``slow`` (run them with ``pytest -m slow``).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +23,6 @@ from pdp.client import Client, Failover, run_job
 from pdp.errors import PdpError
 from pdp.jobs.wordcount import oracle
 from pdp.local import LocalParty
-
-FAST = {"heartbeat": 0.5, "dead_after": 2.0, "stall_after": 20.0}
-
-
-@pytest.fixture
-def make_party(tmp_path: Path) -> Iterator[Callable[..., LocalParty]]:
-    parties: list[LocalParty] = []
-
-    def make(chaos: str = "sleep=0.15", n: int = 3, **settings: Any) -> LocalParty:
-        party = LocalParty(tmp_path / f"party{len(parties)}", n=n, cpus=1,
-                           env={"PDP_TEST_KINDS": "1", "PDP_CHAOS": chaos}, settings={**FAST, **settings})
-        parties.append(party)
-        party.start()
-        asyncio.run(party.wait_ready(60))
-        return party
-
-    yield make
-    for party in parties:
-        for i in range(party.n):
-            party.signal(i, signal.SIGCONT)
-        party.stop()
-
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)

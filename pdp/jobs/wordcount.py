@@ -30,7 +30,6 @@ correct sequential reference the tests and the node compare against.
 from __future__ import annotations
 
 import heapq
-import re
 import string
 import zlib
 from collections import Counter
