@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -84,7 +85,7 @@ def node(
     overrides = {"name": name, "listen": listen, "advertise": advertise, "raft_port": raft_port,
                  "peers": tuple(peer), "data_dir": data_dir, "key_file": key_file, "cpus": cpus}
     try:
-        code = run_node(load_config(config, overrides))
+        code = run_node(load_config(config, overrides), lambda: load_config(config, overrides))
     except PdpError as exc:
         _error(str(exc))
         raise typer.Exit(1) from None
@@ -118,6 +119,9 @@ def submit(
     node: NodeOpt = None,
     comment: str = typer.Option("", help="free text kept with the job"),
     data_type: str = typer.Option("text/utf-8", help="the inputs' data type"),
+    priority: int = typer.Option(0, min=-100, max=100,
+                                 help="higher runs first (-100..100); equal priorities share the party fairly "
+                                      "by submitter"),
     detach: bool = typer.Option(False, help="print the job id and return without waiting"),
     as_json: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
     key_file: KeyOpt = None,
@@ -129,7 +133,8 @@ def submit(
         _error(f"the output directory {out.parent} does not exist")
         raise typer.Exit(1)
     key = _key(key_file)
-    result = _run(_submit(_node_addr(node), key, job, inputs, job_id, out, comment, data_type, detach, as_json))
+    form = {"comment": comment, "data_type": data_type, "output": str(out), "priority": priority}
+    result = _run(_submit(_node_addr(node), key, job, inputs, job_id, out, form, detach, as_json))
     if as_json:
         print(json.dumps(result))
     elif detach:
@@ -138,9 +143,8 @@ def submit(
         print(f"{job_id}: {result['keys']} keys, {result['size']} bytes -> {out}")
 
 
-async def _submit(addr: str, key: bytes, kind: str, inputs: list[Path], job_id: str, out: Path, comment: str,
-                  data_type: str, detach: bool, as_json: bool) -> dict[str, Any]:
-    form = {"comment": comment, "data_type": data_type, "output": str(out)}
+async def _submit(addr: str, key: bytes, kind: str, inputs: list[Path], job_id: str, out: Path,
+                  form: dict[str, Any], detach: bool, as_json: bool) -> dict[str, Any]:
     if detach:
         async with Client(addr, key) as client:
             ack = await client.submit(kind, inputs, job_id, **form)
@@ -211,15 +215,22 @@ def status(
     if st["reruns"]:
         con.print("tasks re-run: " + ", ".join(f"{n}× {why}" for why, n in sorted(st["reruns"].items())),
                   highlight=False)
-    table = Table("member", "health", "data address", "cpus", "last heartbeat", "current tasks (progress)")
+    table = Table("member", "health", "data address", "cpus", "score", "done/failed/lost", "last heartbeat",
+                  "current tasks (progress)")
     colors = {"alive": "green", "suspected": "yellow", "dead": "red"}
     for m in st["members"]:
         age = "never" if m["heartbeat_age"] is None else f"{m['heartbeat_age']:.1f} s ago"
         tasks = ", ".join(f"{t['job']} {t['phase']} {t['index']} ({_size(t.get('progress', 0))})"
                           for t in m["tasks"]) or "-"
-        health = m["health"]
+        if m.get("paused"):
+            tasks = f"[yellow]paused: {escape(m['paused'])}[/] " + tasks
+        health, rec = m["health"], m.get("record") or {}
+        score = f"{m['score']:.2f}" + (f" ({_size(m['rate'])}/s)" if m.get("rate") else "")
+        if m.get("benched_until", 0) > time.time():
+            score += " benched"
         table.add_row(m["name"] + (" (leader)" if m["name"] == st["leader"] else ""),
-                      f"[{colors.get(health, 'white')}]{health}[/]", m["data_addr"], str(m["cpus"]), age, tasks)
+                      f"[{colors.get(health, 'white')}]{health}[/]", m["data_addr"], str(m["cpus"]), score,
+                      f"{rec.get('done', 0)}/{rec.get('failed', 0)}/{rec.get('lost', 0)}", age, tasks)
     con.print(table)
 
 
@@ -233,21 +244,65 @@ def _size(n: float) -> str:
 
 @app.command()
 def jobs(
+    job_id: Optional[str] = typer.Argument(None, help="show this job's tasks: where each ran, attempts, times"),
     node: NodeOpt = None,
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     key_file: KeyOpt = None,
 ) -> None:
-    """The party's jobs, oldest first."""
+    """The party's jobs, oldest first (or one job's tasks)."""
+    if job_id is not None:
+        _show_job(_run(_call(_node_addr(node), _key(key_file), "job", id=job_id)), as_json)
+        return
     listing = _run(_call(_node_addr(node), _key(key_file), "jobs"))["jobs"]
     if as_json:
         print(json.dumps(listing, indent=2))
         return
-    table = Table("job", "kind", "state", "maps", "reduces", "size", "submitter", "comment")
+    table = Table("job", "kind", "state", "maps", "reduces", "size", "submitter", "priority", "comment")
     for j in listing:
         table.add_row(j["id"], j["kind"], j["state"] + (f": {j['error']}" if j["error"] else ""),
                       f"{j['maps_done']}/{j['maps']}", f"{j['reduces_done']}/{j['reduces']}", str(j["form"]["size"]),
-                      j["form"]["submitter"], j["form"]["comment"])
+                      j["form"]["submitter"], str(j.get("priority", 0)), j["form"]["comment"])
     Console().print(table)
+
+
+def _show_job(job: dict[str, Any], as_json: bool) -> None:
+    job.pop("t", None)
+    if as_json:
+        print(json.dumps(job, indent=2))
+        return
+    con = Console()
+    con.print(f"{job['id']}: {job['kind']}, {job['state']}{': ' + job['error'] if job['error'] else ''}; "
+              f"priority {job['priority']}, {job['backups']} backup attempt(s), re-runs {job['reruns'] or 'none'}",
+              highlight=False)
+    table = Table("task", "state", "on", "attempts", "bytes", "seconds")
+    for t in job["tasks"]:
+        where = t["node"] or ", ".join(n for _, n in t["runs"]) or "-"
+        table.add_row(f"{t['phase']} {t['index']}", t["state"], where, str(t["attempt"]),
+                      _size(t["stats"].get("input_bytes", t["bytes"])), str(t["stats"].get("seconds", "")))
+    con.print(table)
+
+
+@app.command()
+def cancel(
+    job_id: str = typer.Argument(..., help="the job id that submit printed"),
+    node: NodeOpt = None,
+    key_file: KeyOpt = None,
+) -> None:
+    """Stop a job: its tasks stop, its spool space is freed on every member."""
+    _run(_call(_node_addr(node), _key(key_file), "cancel", id=job_id))
+    print(f"{job_id} cancelled")
+
+
+@app.command()
+def reload(
+    node: Optional[str] = typer.Option(None, help="HOST:PORT of the member to reload (default: $PDP_NODE)"),
+    key_file: KeyOpt = None,
+) -> None:
+    """Make the member at --node read its config file again (as `kill -HUP` does)."""
+    res = _run(_call(_node_addr(node), _key(key_file), "reload"))
+    print("applied: " + (", ".join(res["applied"]) or "no changes"))
+    if res["restart"]:
+        print("these take effect after a restart: " + ", ".join(res["restart"]))
 
 
 @app.command()

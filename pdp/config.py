@@ -1,7 +1,9 @@
 """Node settings: a frozen dataclass built from a TOML file and command-line flags.
 
-Flags override the file; ``validate`` names the rule a setting breaks. Also owns the party
-secret file (32 random bytes, hex, mode 0600) and the per-user default locations.
+Flags override the file; ``validate`` names the rule a setting breaks; ``changed_settings``
+tells a reload which changes apply live and which need a restart. Also owns the party
+secret file (32 random bytes, hex, mode 0600) and the per-user default locations. The
+owner's limits (memory, disk, nice, hours, ...) are parsed and applied by :mod:`pdp.limits`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import platformdirs
 
 from pdp import wire
 from pdp.errors import ConfigError
+from pdp.limits import MiB, format_size, parse_hours, parse_size
 
 DEFAULT_PORT = 7700
+MIN_MEMORY = 32 * MiB
+ON_PAUSE = ("finish", "hand_back")
+# Settings a running node cannot change: a reload reports them and keeps the old values.
+RESTART_ONLY = frozenset({"name", "listen", "advertise", "raft_port", "peers", "data_dir", "key_file"})
 
 
 def default_key_file() -> Path:
@@ -48,6 +55,15 @@ class NodeConfig:
     dead_after: float = 2.5  # a member silent this long is lost: its tasks run elsewhere
     stall_after: float = 30.0  # a task without progress this long runs again elsewhere
     max_failures: int = 10  # a task that fails this often fails its job
+    # The owner's limits (pdp.limits): the machine's owner comes first.
+    memory: int = 0  # per-task memory limit in bytes; 0 = no limit
+    disk: int = 0  # most bytes the spool may use before the node pauses; 0 = no limit
+    nice: int = 10  # niceness of the task processes, 0-19
+    hours: tuple[str, ...] = ()  # when the node takes work, e.g. "mon-fri 18:00-08:00"; () = always
+    max_load: float = 0.0  # pause while the owner's CPU use (fraction of all CPUs) is above this; 0 = never
+    pause_on_battery: bool = True
+    on_pause: str = "finish"  # "finish": running tasks finish; "hand_back": they run elsewhere at once
+    backup_tasks: bool = True  # master: near a phase's end, a straggler gets a backup copy on a faster member
 
     @property
     def data_port(self) -> int:
@@ -87,7 +103,37 @@ class NodeConfig:
             raise ConfigError(f"max_failures = {self.max_failures}: must be between 1 and 1000")
         if self.raft_port and not 0 < self.raft_port < 65536:
             raise ConfigError(f"raft_port = {self.raft_port}: not a TCP port")
+        self._validate_limits()
         return self
+
+    def _validate_limits(self) -> None:
+        for key in ("memory", "disk", "nice"):
+            if not _is_int(getattr(self, key)):
+                raise ConfigError(f"{key} = {getattr(self, key)!r}: must be a whole number")
+        if self.memory < 0 or 0 < self.memory < MIN_MEMORY:
+            raise ConfigError(f"memory = {format_size(self.memory)}: must be 0 (no limit) or at least "
+                              f"{format_size(MIN_MEMORY)}, since the task process's own interpreter counts toward it")
+        if self.disk < 0:
+            raise ConfigError(f"disk = {self.disk}: must be 0 (no limit) or a size such as \"20G\"")
+        if not 0 <= self.nice <= 19:
+            raise ConfigError(f"nice = {self.nice}: must be between 0 (normal priority) and 19 (lowest)")
+        if not isinstance(self.hours, tuple):
+            raise ConfigError(f"hours = {self.hours!r}: must be a list of rules such as [\"mon-fri 18:00-08:00\"]")
+        parse_hours(self.hours)
+        if isinstance(self.max_load, bool) or not isinstance(self.max_load, (int, float)) \
+                or not 0 <= self.max_load <= 1:
+            raise ConfigError(f"max_load = {self.max_load!r}: must be a fraction of all CPUs between 0 "
+                              "(never pause for load) and 1")
+        for key in ("pause_on_battery", "backup_tasks"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} = {getattr(self, key)!r}: must be true or false")
+        if self.on_pause not in ON_PAUSE:
+            raise ConfigError(f"on_pause = {self.on_pause!r}: must be \"finish\" (running tasks finish, no new "
+                              "ones start) or \"hand_back\" (running tasks go to other members at once)")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_addr(label: str, addr: str) -> None:
@@ -100,7 +146,11 @@ _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
-    """Read ``path`` (TOML, optional), apply non-None ``overrides``, validate."""
+    """Read ``path`` (TOML, optional), apply non-None ``overrides``, validate.
+
+    Overrides are written as in the file: ``memory``/``disk`` as MiB or a size string
+    ("2G"), ``hours`` as a list of rules (or one rule as a string).
+    """
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -119,10 +169,33 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
             values[key] = Path(values[key]).expanduser()
     if "peers" in values:
         values["peers"] = tuple(values["peers"])
+    _convert_limits(values)
     try:
         return NodeConfig(**values).validate()
     except TypeError as exc:
         raise ConfigError(f"bad setting: {exc}") from None
+
+
+def _convert_limits(values: dict[str, Any]) -> None:
+    """TOML forms of the owner's limits -> NodeConfig values (sizes in bytes, tuples, floats)."""
+    for key in ("memory", "disk"):
+        if key in values:
+            try:
+                values[key] = parse_size(values[key])
+            except ConfigError as exc:
+                raise ConfigError(f"{key} = {exc}") from None
+    if "hours" in values:
+        hours = values["hours"]
+        if isinstance(hours, str | list):
+            values["hours"] = (hours,) if isinstance(hours, str) else tuple(hours)
+    if _is_int(values.get("max_load")):
+        values["max_load"] = float(values["max_load"])
+
+
+def changed_settings(old: NodeConfig, new: NodeConfig) -> tuple[list[str], list[str]]:
+    """The settings that differ: (those a running node applies live, those that need a restart)."""
+    changed = [f.name for f in dataclasses.fields(NodeConfig) if getattr(old, f.name) != getattr(new, f.name)]
+    return [k for k in changed if k not in RESTART_ONLY], [k for k in changed if k in RESTART_ONLY]
 
 
 # -- the party secret -------------------------------------------------------------------

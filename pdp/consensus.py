@@ -32,6 +32,7 @@ log = logging.getLogger("pdp.consensus")
 
 _FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if not k.startswith("_")}
 TRUNCATION_MARK = "truncating already-applied log entries"
+MAX_BATCH = 200  # commands in one group-committed Raft entry
 
 
 class ConsensusError(PdpError):
@@ -206,6 +207,7 @@ class Consensus:
             conf.bindAddress = f"{bind_host}:{self_addr.rsplit(':', 1)[1]}"
         self.self_addr = self_addr
         self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf, consumers=[self.replica])
+        self._queued: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
         self._tick_jobs: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
         self._sync.addOnTickCallback(self._run_tick_jobs)
         _keep_next_index_monotonic(self._sync)
@@ -220,17 +222,33 @@ class Consensus:
     # -- writes -----------------------------------------------------------------------
 
     async def propose(self, cmd: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-        """Commit ``cmd`` and return its result; ConsensusError if the outcome is not known."""
+        """Commit ``cmd`` and return its result; ConsensusError if the outcome is not known.
+
+        Group commit: commands proposed in the same turn of the event loop travel in one
+        Raft entry (a ``batch``), each getting its own result back."""
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-
-        def done(result: Any, err: int) -> None:
-            self._loop.call_soon_threadsafe(_settle, fut, result, err)
-
-        self.replica.apply(cmd, callback=done)
+        if not self._queued:
+            self._loop.call_soon(self._flush)
+        self._queued.append((cmd, fut))
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
             raise ConsensusError(f"no commit within {timeout:g} s") from None
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        if len(queued) == 1:
+            cmd, fut = queued[0]
+            self.replica.apply(cmd, callback=lambda result, err: self._loop.call_soon_threadsafe(
+                _settle, fut, result, err))
+            return
+        for start in range(0, len(queued), MAX_BATCH):
+            group = queued[start:start + MAX_BATCH]
+
+            def done(result: Any, err: int, group: list[tuple[dict[str, Any], asyncio.Future[Any]]] = group) -> None:
+                self._loop.call_soon_threadsafe(_settle_group, group, result, err)
+
+            self.replica.apply({"op": "batch", "cmds": [cmd for cmd, _ in group]}, callback=done)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -311,6 +329,14 @@ class Consensus:
         """Destroy and wait until pysyncobj's thread and sockets are gone (before a role change)."""
         logging.getLogger("pysyncobj").removeHandler(self.truncations)
         await asyncio.to_thread(self._sync.destroy_synchronous)
+
+
+def _settle_group(group: list[tuple[dict[str, Any], asyncio.Future[Any]]], result: Any, err: int) -> None:
+    results = result.get("results") if err == FAIL_REASON.SUCCESS and isinstance(result, dict) else None
+    if err == FAIL_REASON.SUCCESS and (not isinstance(results, list) or len(results) != len(group)):
+        err, results = FAIL_REASON.REQUEST_DENIED, None  # pragma: no cover - a batch always answers each
+    for k, (_, fut) in enumerate(group):
+        _settle(fut, results[k] if results is not None else None, err)
 
 
 def _settle(fut: asyncio.Future[dict[str, Any]], result: Any, err: int) -> None:

@@ -1,4 +1,4 @@
-"""The client-facing side of a node: submit, wait, result, status, jobs.
+"""The client-facing side of a node: submit, wait, result, cancel, status, jobs.
 
 Any member is a gateway. ``submit`` takes the job form and the input bytes (streamed from
 the submitter's machine), stores them in this node's spool and records the job in the
@@ -19,6 +19,7 @@ from pdp.consensus import ConsensusError
 from pdp.errors import InputError, PdpError, ProtocolError, RemoteError
 from pdp.fsutil import atomic_writer
 from pdp.jobs import job_kind
+from pdp.scheduler import scores
 from pdp.spool import check_id
 from pdp.state import ACTIVE, Job
 from pdp.streams import relay, send_file
@@ -42,7 +43,7 @@ class Gateway:
     def handlers(self) -> dict[str, Handler]:
         return {"submit": self._submit, "wait": self._wait, "result": self._result, "status": self._status,
                 "jobs": self._jobs, "invite": self._invite, "uninvite": self._uninvite, "core": self._core,
-                "leave": self._leave}
+                "leave": self._leave, "cancel": self._cancel, "job": self._job_detail}
 
     def _job(self, job_id: str) -> Job | None:
         assert self.node.consensus is not None
@@ -162,8 +163,9 @@ class Gateway:
         assert self.node.consensus is not None
         with self.node.consensus.reading() as state:
             slots = sum(m.cpus for m in state.members.values()) or 1
-        n_reduce = int(hdr.get("reduces") or cfg.reduces or min(slots, 16))
-        chunk = int(hdr.get("chunk_size") or cfg.chunk_mb * 1024 * 1024)
+        chunk = max(4096, int(hdr.get("chunk_size") or cfg.chunk_mb * 1024 * 1024))
+        maps = sum(-(-int(i["size"]) // chunk) for i in stored)  # about one map per chunk
+        n_reduce = int(hdr.get("reduces") or cfg.reduces or max(1, min(slots, 16, maps)))
         form = {
             "source": [i["name"] for i in stored],
             "data_type": str(hdr.get("data_type", "text/utf-8"))[:200],
@@ -172,9 +174,10 @@ class Gateway:
             "submitter": str(hdr.get("submitter", "?"))[:200],
             "output": str(hdr.get("output", ""))[:4096],
             "gateway": self.node.name,
+            "priority": max(-100, min(100, int(hdr.get("priority") or 0))),
         }
         return {"op": "submit", "id": job_id, "kind": kind, "inputs": stored, "form": form,
-                "n_reduce": max(1, min(n_reduce, MAX_REDUCES)), "chunk_size": max(4096, chunk),
+                "n_reduce": max(1, min(n_reduce, MAX_REDUCES)), "chunk_size": chunk, "priority": form["priority"],
                 "now": time.time()}
 
     # -- wait / result --------------------------------------------------------------------
@@ -192,8 +195,8 @@ class Gateway:
             if job is None:
                 raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
             summary = job_summary(job)
-            if job.state == "failed":
-                raise PdpError(f"job {job_id} failed: {job.error}")
+            if job.state in ("failed", "cancelled"):
+                raise PdpError(f"job {job_id} {'failed' if job.state == 'failed' else 'was'}: {job.error}")
             if job.state == "done":
                 await stream.send({"t": "done", **summary})
                 return
@@ -231,6 +234,14 @@ class Gateway:
             finally:
                 source.close()
         raise PdpError(f"no member holding the result of {job_id} answered ({'; '.join(errors)}); try again later")
+
+    async def _cancel(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Stop a job: its tasks are not handed out again, running ones stop, members drop its files."""
+        job_id = check_id(str(hdr["id"]))
+        res = await self._commit({"op": "cancel", "job": job_id, "by": stream.conn.peer_name, "now": time.time()},
+                                 patience=10.0)
+        log.warning("%s cancelled job %s", stream.conn.peer_name, job_id)
+        await stream.send({"t": "cancelled", "id": job_id, **res})
 
     # -- invitations --------------------------------------------------------------------
 
@@ -316,10 +327,15 @@ class Gateway:
         raft = node.consensus.raft_status()
         with node.consensus.reading() as state:
             master = dict(state.master)
+            table = scores(state)
             members = {m.name: {"name": m.name, "data_addr": m.data_addr, "raft_addr": m.raft_addr, "cpus": m.cpus,
-                                "voter": m.voter} for m in state.members.values()}
+                                "voter": m.voter, "score": table[m.name].score, "rate": table[m.name].rate,
+                                "benched_until": table[m.name].benched_until,
+                                "record": dict(vars(state.records[m.name])) if m.name in state.records else {}}
+                       for m in state.members.values()}
             invited = sorted(state.invited)
-            jobs = {s: sum(j.state == s for j in state.jobs.values()) for s in ("queued", "running", "done", "failed")}
+            jobs = {s: sum(j.state == s for j in state.jobs.values())
+                    for s in ("queued", "running", "done", "failed", "cancelled")}
             jobs["running"] = sum(j.state in ACTIVE[1:] for j in state.jobs.values())
             reruns: dict[str, int] = {}
             for j in state.jobs.values():
@@ -331,6 +347,7 @@ class Gateway:
             m["health"] = seen.get("health", "unknown")
             m["heartbeat_age"] = seen.get("age")
             m["tasks"] = seen.get("tasks", [])
+            m["paused"] = seen.get("paused", "")
         leader = master["name"] if master["term"] == raft["term"] and master["name"] else None
         await stream.send({"t": "status", "node": node.name, "leader": leader, "term": raft["term"],
                            "is_leader": node.master.is_master(), "raft": raft,
@@ -347,6 +364,20 @@ class Gateway:
             return dict(frame.header.get("members") or {})
         except (PdpError, OSError):
             return {}
+
+    async def _job_detail(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """One job with its tasks: where each ran, its attempts and statistics."""
+        job_id = check_id(str(hdr["id"]))
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            job = state.jobs.get(job_id)
+            if job is None:
+                raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
+            tasks = [{"phase": t.phase, "index": t.index, "state": t.state, "node": t.node, "attempt": t.attempt,
+                      "runs": sorted(t.runs.items()), "failed_on": list(t.failed_on), "bytes": t.size(),
+                      "stats": dict(t.stats)} for t in job.maps + job.reduces]
+            summary = job_summary(job)
+        await stream.send({"t": "job", **summary, "tasks": tasks})
 
     async def _jobs(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         assert self.node.consensus is not None
@@ -377,11 +408,13 @@ async def _stored(mirror: tuple[str, Stream]) -> bool:
 
 def job_summary(job: Job) -> dict[str, Any]:
     """A job as clients see it: the form, the phase, task counts and where work runs."""
-    running = sorted({t.node for t in job.maps + job.reduces if t.state == "running"})
+    running = sorted({n for t in job.maps + job.reduces if t.state == "running" for n in t.runs.values()})
     done_on: dict[str, int] = {}
     for t in job.maps + job.reduces:
         if t.state == "done":
             done_on[t.node] = done_on.get(t.node, 0) + 1
     return {"id": job.id, "kind": job.kind, "state": job.state, "error": job.error, "form": job.form,
             "submitted_at": job.submitted_at, "finished_at": job.finished_at, **job.counts(),
-            "nodes_at_work": running, "done_on": done_on, "result": job.result, "reruns": dict(job.reruns)}
+            "nodes_at_work": running, "done_on": done_on, "result": job.result, "reruns": dict(job.reruns),
+            "priority": job.priority, "backups": job.backups,
+            "attempts": sum(t.attempt for t in job.maps + job.reduces)}

@@ -46,7 +46,8 @@ class LocalParty:
         cpus: int = 1,
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
-        settings: dict[str, float] | None = None,
+        settings: dict[str, Any] | None = None,
+        node_settings: dict[int, dict[str, Any]] | None = None,
     ) -> None:
         self.root = root
         self.n = n
@@ -54,6 +55,7 @@ class LocalParty:
         self.extra = extra
         self.env = {**os.environ, **(env or {})}
         self.settings = settings or {}
+        self.node_settings = node_settings or {}  # node index -> settings of that node only
         self.key_file = root / "party.key"
         self.names = [f"node{i + 1}" for i in range(n)]
         self.ports: list[int] = []
@@ -74,10 +76,6 @@ class LocalParty:
             port = free_port_pair()
             if all(abs(port - p) > 1 for p in self.ports):
                 self.ports.append(port)
-        if self.settings:
-            lines = ["[node]", *(f"{k} = {v!r}" for k, v in self.settings.items())]
-            (self.root / "node.toml").write_text("\n".join(lines) + "\n")
-            self.extra = (*self.extra, "--config", str(self.root / "node.toml"))
         for i in range(self.n):
             self.start_node(i)
 
@@ -94,13 +92,24 @@ class LocalParty:
     def start_node(self, i: int, peers: list[int] | None = None) -> None:
         name = self.names[i]
         peers = [j for j in range(self.n) if j != i] if peers is None else peers
+        settings = {"cpus": self.cpus, **self.settings, **self.node_settings.get(i, {})}
+        self.write_config(i, settings)
         args = [sys.executable, "-m", "pdp", "node", "--name", name, "--listen", self.addr(i),
-                "--data-dir", str(self.root / name), "--key-file", str(self.key_file), "--cpus", str(self.cpus),
-                *[a for j in peers for a in ("--peer", self.addr(j))], *self.extra]
+                "--data-dir", str(self.root / name), "--key-file", str(self.key_file),
+                "--config", str(self.config_path(i)), *[a for j in peers for a in ("--peer", self.addr(j))],
+                *self.extra]
         log = open(self.root / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=self.env)
         log.close()
+
+    def config_path(self, i: int) -> Path:
+        return self.root / f"{self.names[i]}.toml"
+
+    def write_config(self, i: int, settings: dict[str, Any]) -> None:
+        """Write node i's settings file (the node reads it at start and on SIGHUP)."""
+        lines = ["[node]", *(f"{k} = {_toml(v)}" for k, v in settings.items())]
+        self.config_path(i).write_text("\n".join(lines) + "\n")
 
     def pid(self, i: int) -> int:
         return self.procs[self.names[i]].pid
@@ -167,3 +176,14 @@ class LocalParty:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _toml(value: Any) -> str:
+    """A TOML literal for the simple values node settings take."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from pdp.consensus import ConsensusError
 from pdp.errors import PdpError
 from pdp.jobs import job_kind
-from pdp.scheduler import TaskKey, jobs_to_assemble, pick_task
-from pdp.state import Job, Task
+from pdp.scheduler import AttemptKey, TaskKey, jobs_to_assemble, pick_backup, pick_tasks, scores
+from pdp.state import ACTIVE, Job, State, Task
 from pdp.transport import Handler, Stream, raft_addr_of, split_addr
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ class Master:
         self.assembling: set[str] = set()
         self.live: dict[str, dict[str, Any]] = {}
         self.since = 0.0  # monotonic time this node became master
-        self.watch: dict[tuple[str, str, int, int], list[float]] = {}  # attempt -> [progress, moved_at, seen_at]
+        self.watch: dict[AttemptKey, list[float]] = {}  # attempt -> [progress, moved_at, seen_at]
+        self.started: dict[AttemptKey, float] = {}  # attempt -> when it started (or this master first saw it)
         self.declared_dead: set[str] = set()
         self.probed: dict[str, float] = {}
         self.core_lock = asyncio.Lock()  # pysyncobj needs membership changes one at a time
@@ -85,7 +86,7 @@ class Master:
                 if self.term != c.term():
                     self.term = c.term()
                     self.reserved.clear()
-                    self.since, self.live, self.watch = time.monotonic(), {}, {}
+                    self.since, self.live, self.watch, self.started = time.monotonic(), {}, {}, {}
                     self.declared_dead.clear()
                     log.info("%s is master in term %d", self.node.name, self.term)
                 self._start_assembly()
@@ -110,13 +111,14 @@ class Master:
     # -- handing out tasks ----------------------------------------------------------------
 
     async def _get_task(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Long poll: answer with one or more tasks (a bundle of small ones) or ``idle``."""
         worker = str(hdr["node"])
         deadline = time.monotonic() + min(float(hdr.get("wait", POLL)), POLL)
         while True:
             term = self._require()
-            assignment = await self._assign_next(worker, term)
-            if assignment is not None:
-                await stream.send({"t": "task", **assignment})
+            assigned = await self._assign_next(worker, term, int(hdr.get("max", 64)))
+            if assigned:
+                await stream.send({"t": "tasks", "tasks": assigned})
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -124,29 +126,50 @@ class Master:
                 return
             await self.node.changes.wait(remaining)
 
-    async def _assign_next(self, worker: str, term: int) -> dict[str, Any] | None:
+    async def _assign_next(self, worker: str, term: int, limit: int) -> list[dict[str, Any]]:
+        """Pick tasks for ``worker`` and commit their assignment (one Raft entry for a bundle)."""
         c = self.node.consensus
         assert c is not None
         while True:
+            backup = False
             with c.reading() as state:
-                picked = pick_task(state, worker, self.reserved)
-                if picked is None:
-                    return None
-                job, task = picked
-                k = (job.id, task.phase, task.index)
-                spec = _assignment(state.members, job, task)
-            self.reserved.add(k)
+                picked = pick_tasks(state, worker, self.reserved, time.time(), limit)
+                if not picked and self.node.config.backup_tasks:
+                    straggler = pick_backup(state, worker, time.time(), self._running_info(state))
+                    picked, backup = ([straggler], True) if straggler else ([], False)
+                if not picked:
+                    return []
+                specs = [_assignment(state.members, job, task) for job, task in picked]
+            keys = {(job.id, task.phase, task.index) for job, task in picked}
+            self.reserved |= keys
             try:
-                res = await self.node.propose({"op": "assign", "job": job.id, "phase": task.phase, "index": task.index,
-                                               "node": worker, "term": term,
-                                               "lease_until": time.time() + self.stall_after})
+                results = await asyncio.gather(*(self.node.propose(
+                    {"op": "assign", "job": job.id, "phase": task.phase, "index": task.index, "node": worker,
+                     "term": term, "backup": backup, "lease_until": time.time() + self.stall_after})
+                    for job, task in picked))
             finally:
-                self.reserved.discard(k)
-            if res.get("ok"):
-                log.info("job %s: %s %d -> %s (attempt %d)", job.id, task.phase, task.index, worker, res["attempt"])
-                return {**spec, "attempt": res["attempt"], "term": term}
-            if res.get("stale"):
-                raise NotMaster(res["error"])
+                self.reserved -= keys
+            if any(res.get("stale") for res in results):
+                raise NotMaster(next(res["error"] for res in results if res.get("stale")))
+            assigned = []
+            for spec, res in zip(specs, results):
+                if res.get("ok"):
+                    self.started[(spec["job"], spec["phase"], spec["index"], res["attempt"])] = time.monotonic()
+                    assigned.append({**spec, "attempt": res["attempt"], "term": term})
+            if assigned:
+                first = assigned[0]
+                log.info("job %s: %s %s -> %s (attempt %d)%s", first["job"], first["phase"],
+                         ",".join(str(a["index"]) for a in assigned), worker, first["attempt"],
+                         " as a backup of a straggler" if backup else "")
+                return assigned
+
+    def _running_info(self, state: State) -> dict[AttemptKey, tuple[float, int]]:
+        """(seconds running, progress) of every running attempt this master has seen."""
+        now, info = time.monotonic(), {}
+        for key, started in self.started.items():
+            entry = self.watch.get(key)
+            info[key] = (now - started, int(entry[0]) if entry and entry[0] > 0 else 0)
+        return info
 
     async def _task_done(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         term = self._require()
@@ -156,15 +179,17 @@ class Master:
         if res.get("stale"):
             raise NotMaster(res["error"])
         if res.get("ok"):
-            log.info("job %s: %s %s done on %s", hdr["job"], hdr["phase"], hdr["index"], hdr["node"])
+            log.info("job %s: %s %s done on %s (attempt %s)", hdr["job"], hdr["phase"], hdr["index"], hdr["node"],
+                     hdr["attempt"])
         await stream.send({"t": "ok", "accepted": bool(res.get("ok")), "why": res.get("error", "")})
 
     async def _task_failed(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """A bad input fails the job; any other failure gives the task back (counted)."""
         term = self._require()
         if hdr.get("retry"):
-            res = await self._release(hdr, f"failed on {hdr['node']}: {hdr['error']}",
-                                      failed=bool(hdr.get("counted", True)))
+            counted = bool(hdr.get("counted", True))
+            res = await self._release(hdr, f"{hdr.get('why', 'failed')} on {hdr['node']}: {hdr['error']}",
+                                      failed=counted, blame=counted)
             if res.get("job_failed"):
                 log.warning("job %s failed: %s %s failed %d times", hdr["job"], hdr["phase"], hdr["index"],
                             self.max_failures)
@@ -175,10 +200,12 @@ class Master:
                 log.warning("job %s failed: %s", hdr["job"], hdr["error"])
         await stream.send({"t": "ok"})
 
-    async def _release(self, t: dict[str, Any], reason: str, failed: bool = False) -> dict[str, Any]:
+    async def _release(self, t: dict[str, Any], reason: str, failed: bool = False,
+                       blame: bool = True) -> dict[str, Any]:
         res = await self.node.propose({"op": "release", "job": t["job"], "phase": t["phase"], "index": t["index"],
                                        "attempt": t["attempt"], "term": self.term, "reason": reason,
-                                       "failed": failed, "max_failures": self.max_failures, "now": time.time()})
+                                       "failed": failed, "blame": blame, "max_failures": self.max_failures,
+                                       "now": time.time()})
         if res.get("ok"):
             log.warning("job %s: %s %s runs again (%s)", t["job"], t["phase"], t["index"], reason)
         return res
@@ -255,8 +282,27 @@ class Master:
         tasks = [t for t in hdr.get("tasks") or [] if isinstance(t, dict)]
         for t in tasks:
             self._watch(t, now)
-        self.live[name] = {"seen": now, "tasks": tasks, "slots": int(hdr.get("slots", 0))}
-        await stream.send({"t": "ok", "master": self.node.name})
+        self.live[name] = {"seen": now, "tasks": tasks, "slots": int(hdr.get("slots", 0)),
+                           "paused": str(hdr.get("paused", ""))}
+        await stream.send({"t": "ok", "master": self.node.name, "abort": self._to_abort(name, tasks)})
+
+    def _to_abort(self, name: str, tasks: list[dict[str, Any]]) -> list[list[Any]]:
+        """Attempts a member still runs that no longer count: their job ended or was cancelled,
+        another attempt won, or the attempt was given up. The member stops them."""
+        c = self.node.consensus
+        assert c is not None
+        stop = []
+        with c.reading() as state:
+            for t in tasks:
+                job = state.jobs.get(str(t.get("job")))
+                if job is None:
+                    continue
+                phase, index, attempt = str(t.get("phase")), int(t.get("index", -1)), int(t.get("attempt", 0))
+                found = job.tasks(phase) if phase in ("map", "reduce") else []
+                task = found[index] if 0 <= index < len(found) else None
+                if job.state not in ACTIVE or task is None or task.runs.get(attempt) != name:
+                    stop.append([job.id, phase, index, attempt])
+        return stop
 
     def _watch(self, t: dict[str, Any], now: float) -> None:
         """Keep a running attempt's lease alive while its progress moves."""
@@ -283,7 +329,8 @@ class Master:
             health, age = self.health(name, now)
             info = self.live.get(name, {})
             view[name] = {"health": health, "age": None if age is None else round(age, 3),
-                          "tasks": info.get("tasks", []), "slots": info.get("slots", 0)}
+                          "tasks": info.get("tasks", []), "slots": info.get("slots", 0),
+                          "paused": info.get("paused", "")}
         return view
 
     async def _live(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
@@ -299,9 +346,11 @@ class Master:
         now = time.monotonic()
         with c.reading() as state:
             members = {m.name: m.data_addr for m in state.members.values()}
-            running = [{"job": j.id, "phase": t.phase, "index": t.index, "attempt": t.attempt, "node": t.node}
-                       for j in state.active_jobs() for t in j.maps + j.reduces if t.state == "running"]
+            running = [{"job": j.id, "phase": t.phase, "index": t.index, "attempt": attempt, "node": node}
+                       for j in state.active_jobs() for t in j.maps + j.reduces if t.state == "running"
+                       for attempt, node in t.runs.items()]
             holding = {t.node for j in state.active_jobs() for t in j.maps + j.reduces if t.node}
+            holding |= {r["node"] for r in running}
         for name in sorted(holding - set(members) - self.declared_dead):
             await self._declare_lost(name, "no longer a member")
         for name in sorted(holding & set(members) - self.declared_dead - {self.node.name}):
@@ -321,9 +370,12 @@ class Master:
                 await self._release(t, reason)
         live_keys = {(t["job"], t["phase"], t["index"], t["attempt"]) for t in running}
         self.watch = {k: v for k, v in self.watch.items() if k in live_keys}
+        self.started = {k: v for k, v in self.started.items() if k in live_keys}
+        for k in live_keys - set(self.started):
+            self.started[k] = now
 
     async def _declare_lost(self, name: str, why: str) -> None:
-        res = await self.node.propose({"op": "lost", "node": name, "term": self.term})
+        res = await self.node.propose({"op": "lost", "node": name, "term": self.term, "now": time.time()})
         if res.get("ok"):
             self.declared_dead.add(name)
             log.warning("member %s lost (%s): its tasks run elsewhere (%d job(s))", name, why, res["jobs"])

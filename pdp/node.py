@@ -4,6 +4,10 @@ Wires the pieces together — the Raft group (:mod:`pdp.consensus`), the data-pl
 and outbound connections (:mod:`pdp.transport`), the spool, the task pool — and runs the
 three roles every node has: gateway for clients (:mod:`pdp.gateway`), worker
 (:mod:`pdp.worker`), and, while it leads the Raft group, master (:mod:`pdp.master`).
+
+It also owns what outlives single requests: the owner's limits around every task call
+(:func:`pdp.limits.run_limited`), reloading the config file on SIGHUP or ``pdp reload``,
+and the spool janitor that deletes the files of jobs that have ended.
 """
 
 from __future__ import annotations
@@ -17,15 +21,20 @@ import multiprocessing
 import os
 import signal
 import time
+import shutil
+from dataclasses import replace as dataclasses_replace
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pdp import wire
-from pdp.config import NodeConfig, load_key
+from pdp.config import NodeConfig, changed_settings, load_key
 from pdp.consensus import Consensus, ConsensusError
 from pdp.errors import AuthError, PdpError
 from pdp.fsutil import atomic_write
+from pdp.limits import run_limited
+from pdp.state import ACTIVE
 from pdp.split import aligned_bounds
 from pdp.spool import Spool
 from pdp.streams import recv_file, send_file
@@ -34,6 +43,7 @@ from pdp.transport import Connection, Handler, Peers, Stream, accept, raft_addr_
 log = logging.getLogger("pdp.node")
 
 MAX_CONNECTIONS_PER_HOST = 64
+JANITOR_EVERY = 10.0  # seconds between sweeps of the spool for files of ended jobs
 
 
 def new_pool(workers: int) -> ProcessPoolExecutor:
@@ -77,8 +87,9 @@ class Changes:
 
 
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, reload: Callable[[], NodeConfig] | None = None) -> None:
         self.config = config
+        self._load_config = reload
         self.name = config.name
         self.key = load_key(config.key_file)
         self.spool = Spool(config.data_dir / "spool")
@@ -112,6 +123,7 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         try:
             self.voter, core = await self._find_role()
         except PdpError as exc:
@@ -127,7 +139,7 @@ class Node:
         )
         self.handlers.update({"fetch_range": self._fetch_range, "fetch_file": self._fetch_file,
                               "store_file": self._store_file, "store_input": self._store_input,
-                              "become": self._become})
+                              "become": self._become, "reload": self._reload})
         for part in (self.master, self.worker, self.gateway):
             clash = set(part.handlers()) & set(self.handlers)
             assert not clash, f"request types handled twice: {clash}"
@@ -139,6 +151,7 @@ class Node:
             asyncio.create_task(self._register()),
             asyncio.create_task(self.master.run()),
             *self.worker.start(),
+            asyncio.create_task(self._janitor()),
             loop.run_in_executor(self.pool, _warm),  # type: ignore[list-item]
         ]
         try:
@@ -148,6 +161,7 @@ class Node:
             server.close()
             for task in self.tasks:
                 task.cancel()
+            self.worker.stop()
             for conn in list(self.connections):
                 conn.close()
             self.peers.close()
@@ -337,8 +351,86 @@ class Node:
         await asyncio.to_thread(broken.shutdown, wait=True, cancel_futures=True)
 
     async def run_in_pool(self, fn: Any, *args: Any) -> Any:
+        """Run a task function in the pool, under the owner's memory limit and niceness."""
         assert self.pool is not None
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        cfg = self.config
+        return await asyncio.get_running_loop().run_in_executor(self.pool, run_limited, cfg.memory, cfg.nice, fn,
+                                                                *args)
+
+    # -- the owner changes the config -----------------------------------------------------
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """Read the config file again and apply what can change live; returns (applied, need a restart)."""
+        if self._load_config is None:
+            return [], []
+        try:
+            new = self._load_config()
+        except PdpError as exc:
+            log.error("config not reloaded, keeping the running settings: %s", exc)
+            raise
+        live, restart = changed_settings(self.config, new)
+        if restart:
+            log.warning("changed setting(s) %s take effect after a restart of the node", ", ".join(restart))
+            new = dataclasses_replace(new, **{k: getattr(self.config, k) for k in restart})
+        old, self.config = self.config, new
+        if new.cpus != old.cpus or new.nice < old.nice:  # a pool of the new size (and lower niceness)
+            retired, self.pool = self.pool, new_pool(new.cpus)
+            if retired is not None:
+                retired.shutdown(wait=False)  # its running tasks finish first
+            self.worker.resize()
+        log.warning("config reloaded: %s", ", ".join(f"{k} = {getattr(new, k)!r}" for k in live) or "no changes")
+        return live, restart
+
+    def _reload_on_signal(self) -> None:
+        with contextlib.suppress(PdpError):  # already logged; the node keeps its settings
+            self.reload()
+
+    async def _reload(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        if self._load_config is None:
+            raise PdpError(f"{self.name} was not started from a config file it can read again")
+        live, restart = self.reload()
+        await stream.send({"t": "reloaded", "applied": live, "restart": restart})
+
+    # -- the spool janitor ----------------------------------------------------------------
+
+    async def _janitor(self) -> None:
+        """Delete the spool files of jobs that ended: everything but a done job's result."""
+        cleaned: set[str] = set()
+        while True:
+            await asyncio.sleep(JANITOR_EVERY)
+            if self.consensus is None:
+                continue
+            with self.consensus.reading() as state:
+                ended = {j.id: (j.state, [i["file_id"] for i in j.inputs])
+                         for j in state.jobs.values() if j.state not in ACTIVE and j.id not in cleaned}
+            if ended:
+                freed = await asyncio.to_thread(self._sweep, ended)
+                cleaned |= set(ended)
+                if freed:
+                    log.info("spool: deleted %d file(s) of %d ended job(s)", freed, len(ended))
+
+    def _sweep(self, ended: dict[str, tuple[str, list[str]]]) -> int:
+        freed = 0
+        for job_id, (state, inputs) in ended.items():
+            for file_id in inputs:
+                path = self.spool.input(file_id)
+                if path.exists():
+                    path.unlink(missing_ok=True)
+                    freed += 1
+            folder = self.spool.root / "jobs" / job_id
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if state != "done" or path.name != "result":
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                    freed += 1
+            if state != "done":
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        return freed
 
     # -- data-plane handlers: serve spool bytes to peers --------------------------------
 
@@ -402,10 +494,11 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_node(config: NodeConfig) -> int:
-    """Run a node until SIGTERM/SIGINT (on uvloop where installed); returns the exit code."""
+def run_node(config: NodeConfig, reload: Callable[[], NodeConfig] | None = None) -> int:
+    """Run a node until SIGTERM/SIGINT (on uvloop where installed); returns the exit code.
+    ``reload`` reads the settings again (on SIGHUP or ``pdp reload``)."""
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack to the log
-    node = Node(config)
+    node = Node(config, reload)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - platforms without uvloop

@@ -9,11 +9,15 @@ A job is split at submission into map tasks (line-aligned byte ranges of its inp
 alignment itself happens where the bytes are) and ``n_reduce`` reduce tasks. Phases::
 
     queued -> mapping -> reducing -> assembling -> done
-          \\________________________________________-> failed
+          \\________________________________________-> failed | cancelled
 
-Task states: ``pending -> running -> done``. Every order (assign, complete, fail, finish)
-carries the master's Raft term; an order from an older term than the current master's is
-refused, so a cut-off old leader cannot change a job.
+Task states: ``pending -> running -> done``. A running task has one attempt, or two when
+a straggler got a backup copy (``Task.runs``); the first completion wins. Every order
+(assign, complete, release, fail, finish) carries the master's Raft term; an order from an
+older term than the current master's is refused, so a cut-off old leader cannot change a job.
+
+Each member has a :class:`Record` of what it actually did (tasks done, failed, lost; an
+average throughput): the scheduler scores members from it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ Result = dict[str, Any]
 
 ACTIVE = ("queued", "mapping", "reducing", "assembling")
 MAX_ERROR = 2000
+RATE_MIN_BYTES = 64 * 1024  # tasks smaller than this say more about overheads than speed
+RATE_WEIGHT = 0.3  # weight of the newest task in a member's average throughput
 
 
 @dataclass
@@ -53,6 +59,30 @@ class Task:
     term: int = 0
     lease_until: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
+    runs: dict[int, str] = field(default_factory=dict)  # running attempts: attempt -> node (2 with a backup)
+    failed_on: list[str] = field(default_factory=list)  # members where an attempt failed (tried last there)
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        """Dumps written before a field existed load with its default."""
+        self.runs, self.failed_on = {}, []
+        self.__dict__.update(data)
+        if self.state == "running" and not self.runs:
+            self.runs = {self.attempt: self.node}
+
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Record:
+    """What a member actually did, for its score: counts and an average throughput."""
+
+    done: int = 0
+    failed: int = 0  # attempts that failed there
+    lost: int = 0  # attempts given up there (member lost, lease expired)
+    rate: float = 0.0  # average bytes/s of its recent tasks (0: not known yet)
+    streak: int = 0  # failures and losses since its last success
+    last_fail: float = 0.0
 
 
 @dataclass
@@ -67,12 +97,22 @@ class Job:
     submitted_at: float
     state: str = "queued"
     error: str = ""
+    priority: int = 0
     maps: list[Task] = field(default_factory=list)
     reduces: list[Task] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
     finished_at: float = 0.0
     reruns: dict[str, int] = field(default_factory=dict)  # why tasks ran again -> how often
     failures: dict[str, int] = field(default_factory=dict)  # "map 3" -> failed attempts
+    backups: int = 0  # backup attempts started for stragglers
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        self.priority, self.backups = 0, 0
+        self.__dict__.update(data)
+
+    @property
+    def submitter(self) -> str:
+        return str(self.form.get("submitter", ""))
 
     def tasks(self, phase: str) -> list[Task]:
         return self.maps if phase == "map" else self.reduces
@@ -100,6 +140,7 @@ class State:
         self.next_seq = 0
         self.applied = 0
         self.invited: dict[str, dict[str, Any]] = {}  # name -> {"by", "at"}: who may join as a member
+        self.records: dict[str, Record] = {}  # member name -> what it did (kept when it leaves)
 
     def __setstate__(self, data: dict[str, Any]) -> None:
         """Dumps written before a field existed load with its default."""
@@ -203,7 +244,8 @@ class State:
         inputs = [dict(i) for i in c["inputs"]]
         for inp in inputs:
             inp["holders"] = [str(h) for h in inp.get("holders") or []]
-        job = Job(job_id, self.next_seq, str(c["kind"]), inputs, n_reduce, chunk, dict(c["form"]), float(c["now"]))
+        job = Job(job_id, self.next_seq, str(c["kind"]), inputs, n_reduce, chunk, dict(c["form"]), float(c["now"]),
+                  priority=max(-100, min(100, int(c.get("priority", 0)))))
         for k, inp in enumerate(inputs):
             for start, end in plan_ranges(int(inp["size"]), chunk):
                 job.maps.append(Task("map", len(job.maps), input=k, start=start, end=end))
@@ -243,18 +285,26 @@ class State:
         return tasks[index] if 0 <= index < len(tasks) else None
 
     def _assign(self, c: Cmd) -> Result:
-        lease_until, node = float(c["lease_until"]), str(c["node"])  # parse before any change
+        """Start an attempt of a pending task on ``node``; with ``backup``, a second attempt
+        of a running task (a straggler's backup copy) on another member."""
+        lease_until, node, backup = float(c["lease_until"]), str(c["node"]), bool(c.get("backup"))
         found = self._order_task(c)
         if isinstance(found, dict):
             return found
         job, task = found
-        if task.state != "pending":
+        if backup:
+            if task.state != "running" or len(task.runs) != 1 or node in task.runs.values():
+                return _err(f"task {task.phase} {task.index} of {job.id} cannot take a backup on {node}", busy=True)
+            job.backups += 1
+        elif task.state != "pending":
             return _err(f"task {task.phase} {task.index} of {job.id} is {task.state}", busy=True)
         if task.phase == "reduce" and job.state != "reducing":
             return _err(f"job {job.id} is {job.state}: reduce tasks wait for every map")
-        task.state, task.node, task.term = "running", node, int(c["term"])
         task.attempt += 1
-        task.lease_until = lease_until
+        if not backup:
+            task.state, task.node, task.runs = "running", node, {}
+        task.runs[task.attempt] = node
+        task.term, task.lease_until = int(c["term"]), lease_until
         if job.state == "queued":
             job.state = "mapping"
         return {"ok": True, "attempt": task.attempt}
@@ -271,9 +321,33 @@ class State:
             return _err("already done", dup=True)
         if not 1 <= attempt <= task.attempt:
             return _err(f"attempt {attempt} of task {task.phase} {task.index} was never assigned")
-        task.state, task.node, task.stats = "done", node, stats
+        task.state, task.node, task.stats, task.runs = "done", node, stats, {}
+        self._credit(node, stats)
         self._advance(job)
         return {"ok": True}
+
+    def _record(self, name: str) -> Record:
+        return self.records.setdefault(name, Record())
+
+    def _credit(self, name: str, stats: dict[str, Any]) -> None:
+        """A member finished a task: count it, and fold its throughput into the average."""
+        rec = self._record(name)
+        rec.done, rec.streak = rec.done + 1, 0
+        size, seconds = stats.get("input_bytes"), stats.get("seconds")
+        if isinstance(size, (int, float)) and isinstance(seconds, (int, float)) and size >= RATE_MIN_BYTES \
+                and seconds > 0:
+            rate = float(size) / float(seconds)
+            rec.rate = rate if not rec.rate else (1 - RATE_WEIGHT) * rec.rate + RATE_WEIGHT * rate
+
+    def _blame(self, name: str, now: float, failed: bool) -> None:
+        """An attempt failed (``failed``) or was given up on member ``name``."""
+        rec = self._record(name)
+        if failed:
+            rec.failed += 1
+        else:
+            rec.lost += 1
+        rec.streak += 1
+        rec.last_fail = now
 
     def _advance(self, job: Job) -> None:
         """Derive the phase of an active job from its tasks (it may also move back)."""
@@ -286,30 +360,45 @@ class State:
             job.state = "assembling"
 
     def _rerun(self, job: Job, task: Task, reason: str) -> None:
-        task.state, task.node, task.stats = "pending", "", {}
+        task.state, task.node, task.stats, task.runs = "pending", "", {}, {}
         job.reruns[reason] = job.reruns.get(reason, 0) + 1
 
-    def _release(self, c: Cmd) -> Result:
-        """A running attempt is given up (member lost, stalled, failed): the task runs again.
+    def _drop_run(self, job: Job, task: Task, attempt: int, reason: str) -> None:
+        """Attempt ``attempt`` ends without a result: a backup carries on, else the task runs again."""
+        task.runs.pop(attempt, None)
+        if task.runs:
+            task.node = next(iter(task.runs.values()))
+        else:
+            self._rerun(job, task, reason)
 
-        ``failed=True`` counts towards ``max_failures``; past it the job fails.
+    def _release(self, c: Cmd) -> Result:
+        """A running attempt is given up (member lost, stalled, failed): the task runs again
+        (or its backup carries on).
+
+        ``failed=True`` counts towards ``max_failures``; past it the job fails. ``blame``
+        (default: true when failed) counts it against the member's record.
         """
         reason, attempt, failed = str(c["reason"])[:200], int(c["attempt"]), bool(c.get("failed"))
-        max_failures, now = int(c.get("max_failures", 0)), float(c["now"])
+        max_failures, now, blame = int(c.get("max_failures", 0)), float(c["now"]), bool(c.get("blame", failed))
         found = self._order_task(c)
         if isinstance(found, dict):
             return found
         job, task = found
-        if task.state != "running" or task.attempt != attempt:
-            return _err(f"task {task.phase} {task.index} attempt {attempt} is not the running one", stale_attempt=True)
+        node = task.runs.get(attempt)
+        if task.state != "running" or node is None:
+            return _err(f"task {task.phase} {task.index} attempt {attempt} is not running", stale_attempt=True)
+        if blame:
+            self._blame(node, now, failed)
         key = f"{task.phase} {task.index}"
         if failed:
             job.failures[key] = job.failures.get(key, 0) + 1
+            if node not in task.failed_on:
+                task.failed_on.append(node)
             if max_failures and job.failures[key] >= max_failures:
                 job.state, job.finished_at = "failed", now
                 job.error = f"{key} failed {job.failures[key]} times; last: {c['reason']}"[:MAX_ERROR]
                 return {"ok": True, "job_failed": True}
-        self._rerun(job, task, reason.split(":")[0])
+        self._drop_run(job, task, attempt, reason.split(":")[0])
         return {"ok": True}
 
     def _lost(self, c: Cmd) -> Result:
@@ -318,14 +407,19 @@ class State:
         Reduce outputs it held are redone; map outputs only while some reduce still needs
         them (Google MapReduce: completed maps of a failed worker are reset).
         """
-        name = str(c["node"])
+        name, now = str(c["node"]), float(c.get("now", 0.0))
         job_count = 0
         if int(c["term"]) != self.master["term"]:
             return _err("order from an old term", stale=True)
+        if name in self.members or name in self.records:
+            self._blame(name, now, failed=False)
         for job in self.active_jobs():
             before = sum(job.reruns.values())
             for t in job.maps + job.reduces:
-                if t.node == name and (t.state == "running" or (t.phase == "reduce" and t.state == "done")):
+                if t.state == "running":
+                    for attempt in [a for a, n in t.runs.items() if n == name]:
+                        self._drop_run(job, t, attempt, f"member {name} lost")
+                elif t.node == name and t.phase == "reduce" and t.state == "done":
                     self._rerun(job, t, f"member {name} lost")
             if not all(t.state == "done" for t in job.reduces):
                 for t in job.maps:
@@ -369,6 +463,19 @@ class State:
         job.state, job.result, job.finished_at = "done", result, now
         return {"ok": True}
 
+    def _cancel(self, c: Cmd) -> Result:
+        """A user stops a job: no task of it runs again, members drop its files."""
+        by, now = str(c.get("by", "?"))[:200], float(c["now"])
+        job = self.jobs.get(str(c["job"]))
+        if job is None:
+            return _err(f"no job {c['job']!r} in the party (check `pdp jobs`)")
+        if job.state not in ACTIVE:
+            return _err(f"job {job.id} is already {job.state}", inactive=True)
+        job.state, job.finished_at, job.error = "cancelled", now, f"cancelled by {by}"
+        for t in job.maps + job.reduces:
+            t.runs = {}
+        return {"ok": True}
+
     def _batch(self, c: Cmd) -> Result:
         if not isinstance(c["cmds"], list):
             return _err("batch needs a list of commands")
@@ -396,4 +503,5 @@ _HANDLERS = {
     "uninvite": State._uninvite,
     "leave": State._leave,
     "add_holder": State._add_holder,
+    "cancel": State._cancel,
 }

@@ -1,10 +1,16 @@
 """The worker role: ask the master for tasks, run them in the process pool, report back.
 
-Each task slot (``cpus`` of them) is a loop: long-poll the master for a task, fetch what
-the task reads (a chunk of input from a holder, or map outputs from the mappers), run the
-job kind's function in the pool, report completion. A heartbeat loop tells the master this
-member is alive and what it is running. Workers refuse an assignment from a term older
-than one they have already obeyed.
+Each task slot (``cpus`` of them) is a loop: long-poll the master for work (one task, or a
+bundle of small ones), fetch what each task reads (a chunk of input from a holder, or map
+outputs from the mappers), run the job kind's function in the pool, report completion. A
+heartbeat loop tells the master this member is alive, what it is running and whether its
+owner's limits pause it; the master answers with attempts to stop (cancelled jobs, tasks
+another attempt finished). Workers refuse an assignment from a term older than one they
+have already obeyed.
+
+The owner comes first: a paused node (outside its hours, owner busy, on battery, spool
+full: :mod:`pdp.limits`) asks for no work, and with ``on_pause = "hand_back"`` gives its
+running tasks back at once.
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ import asyncio
 import logging
 import time
 from concurrent.futures.process import BrokenProcessPool
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pdp import progress as task_progress
 from pdp.errors import InputError, PdpError
 from pdp.jobs import job_kind
+from pdp.limits import Sampler, pause_reason
+from pdp.progress import TaskAborted
 from pdp.progress import read as read_progress
 from pdp.progress import report as report_progress
 from pdp.split import aligned_bounds
@@ -30,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdp.worker")
 
 FETCH_PARALLEL = 8
+ETIQUETTE_EVERY = 2.0  # seconds between checks of the owner's limits
 
 
 class Unreachable(PdpError):
@@ -40,12 +51,24 @@ class Unreachable(PdpError):
         self.phase, self.holder, self.indexes = phase, holder, indexes
 
 
+class Aborted(PdpError):
+    """The master (or this node's owner's limits) stopped an attempt before it finished."""
+
+
+AttemptKey = tuple[str, str, int, int]
+
+
 class Worker:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.running: dict[int, dict[str, Any]] = {}  # slot -> what it runs (listed in heartbeats)
+        self.running: dict[AttemptKey, dict[str, Any]] = {}  # what this member runs (listed in heartbeats)
         self.highest_term = 0
         self.leaving = False  # set by `pdp leave`: ask for no more work
+        self.paused = ""  # why the owner's limits pause this node ("" = taking work)
+        self.unpaused = asyncio.Event()
+        self.unpaused.set()
+        self.slots: dict[int, asyncio.Task[None]] = {}
+        self.sampler = Sampler()
         cfg = node.config
         # a heartbeat stuck on a master that is gone must give up well before the new master
         # counts this member silent (dead_after), so the next one reaches the new master in time
@@ -55,52 +78,81 @@ class Worker:
         return {}
 
     def start(self) -> list[asyncio.Task[None]]:
-        slots = [asyncio.create_task(self._slot(i)) for i in range(self.node.config.cpus)]
-        return [*slots, asyncio.create_task(self._heartbeats())]
+        self.resize()
+        return [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._etiquette())]
+
+    def resize(self) -> None:
+        """Run one slot loop per configured cpu (after a reload, extra slots end after their work)."""
+        for i in range(self.node.config.cpus):
+            if i not in self.slots or self.slots[i].done():
+                self.slots[i] = asyncio.create_task(self._slot(i))
+
+    def stop(self) -> None:
+        for task in self.slots.values():
+            task.cancel()
 
     # -- the loops --------------------------------------------------------------------
 
     async def _slot(self, slot: int) -> None:
         await self.node.registered.wait()  # the master only talks to members
         backoff = 0.1
-        while True:
-            if self.leaving:
-                return
+        while slot < self.node.config.cpus and not self.leaving:
+            await self.unpaused.wait()
             await self.node.registered.wait()  # again after a change of Raft seat
             try:
-                task = await self._ask()
+                tasks = await self._ask()
                 backoff = 0.1
             except (PdpError, OSError) as exc:
                 log.debug("slot %d: no master to ask (%s)", slot, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
-            if task is None:
+            if tasks and tasks[0]["term"] < self.highest_term:
+                log.warning("refused %d task(s) of %s from old term %d", len(tasks), tasks[0]["job"], tasks[0]["term"])
                 continue
-            if task["term"] < self.highest_term:
-                log.warning("refused %s %s of %s from old term %d", task["phase"], task["index"], task["job"], task["term"])
-                continue
-            self.highest_term = task["term"]
-            progress = self.node.spool.file(task["job"], f"progress-{slot}")
-            progress.unlink(missing_ok=True)
-            self.running[slot] = {"job": task["job"], "phase": task["phase"], "index": task["index"],
-                                  "attempt": task["attempt"], "since": time.time(), "file": str(progress)}
-            try:
-                await self._run(task, str(progress))
-            finally:
-                self.running.pop(slot, None)
+            if tasks:
+                self.highest_term = tasks[0]["term"]
+                await self._run_bundle(slot, tasks)
+        log.info("task slot %d closed", slot)
 
-    async def _ask(self) -> dict[str, Any] | None:
+    async def _run_bundle(self, slot: int, tasks: list[dict[str, Any]]) -> None:
+        """Run the tasks one after another; every one is listed (as running) until it ends."""
+        progress = str(self.node.spool.file(tasks[0]["job"], f"progress-{slot}"))
+        entries = []
+        for task in tasks:
+            k = _key(task)
+            self.running[k] = {"job": task["job"], "phase": task["phase"], "index": task["index"],
+                               "attempt": task["attempt"], "since": time.time(), "file": "", "aborted": ""}
+            entries.append(k)
+        reports: list[asyncio.Task[None]] = []
+        try:
+            for task in tasks:
+                entry = self.running[_key(task)]
+                if entry["aborted"]:
+                    continue
+                task_progress.clear(progress)
+                entry["file"] = progress
+                header = await self._run(task, progress, entry)
+                if header is not None:
+                    reports.append(asyncio.create_task(self._report(header)))
+        finally:
+            for k in entries:
+                self.running.pop(k, None)
+            if reports:
+                await asyncio.gather(*reports, return_exceptions=True)
+
+    async def _ask(self) -> list[dict[str, Any]]:
         master = self.node.master_addr()
         if master is None:
             raise PdpError("no master elected yet")
         frame = await self.node.peers.request(master[1], {"t": "get_task", "node": self.node.name, "wait": 2.0},
                                               timeout=5.0)
-        return frame.header if frame.header["t"] == "task" else None
+        return list(frame.header["tasks"]) if frame.header["t"] == "tasks" else []
 
     def _listing(self) -> list[dict[str, Any]]:
         """What this member runs, with progress (bytes done), for the master's leases."""
-        return [{**{k: v for k, v in r.items() if k != "file"}, "progress": read_progress(r["file"])}
+        return [{**{k: v for k, v in r.items() if k not in ("file", "aborted")},
+                 "progress": read_progress(r["file"]) if r["file"] else 0}
                 for r in self.running.values()]
 
     async def _heartbeats(self) -> None:
@@ -109,40 +161,89 @@ class Worker:
             master = self.node.master_addr()
             if master is not None:
                 try:
-                    await self.node.peers.request(master[1], {"t": "heartbeat", "node": self.node.name,
-                                                              "slots": self.node.config.cpus,
-                                                              "tasks": self._listing()}, timeout=self._beat_timeout)
+                    frame = await self.node.peers.request(
+                        master[1], {"t": "heartbeat", "node": self.node.name, "slots": self.node.config.cpus,
+                                    "tasks": self._listing(), "paused": self.paused}, timeout=self._beat_timeout)
+                    for job, phase, index, attempt in frame.header.get("abort") or []:
+                        self.abort((str(job), str(phase), int(index), int(attempt)), "the master stopped it")
                 except (PdpError, OSError) as exc:
                     log.debug("heartbeat to %s failed: %s", master[0], exc)
             await asyncio.sleep(self.node.config.heartbeat)
 
+    def abort(self, k: AttemptKey, why: str) -> None:
+        """Stop an attempt: skip it if it has not started, else ask its task process to stop."""
+        entry = self.running.get(k)
+        if entry is None or entry["aborted"]:
+            return
+        log.info("stopping %s %s of %s (attempt %d): %s", k[1], k[2], k[0], k[3], why)
+        entry["aborted"] = why
+        if entry["file"]:
+            task_progress.request_stop(entry["file"])
+
+    # -- the owner's limits -------------------------------------------------------------
+
+    async def _etiquette(self) -> None:
+        """Pause (and resume) taking work by the owner's limits; say why in heartbeats."""
+        while True:
+            cfg = self.node.config
+            try:
+                reason = await asyncio.to_thread(self._pause_reason)
+            except Exception as exc:  # a sensor failing must not stop the node
+                log.warning("cannot check this machine's load or battery: %s", exc)
+                reason = ""
+            if reason != self.paused:
+                log.warning("paused: %s", reason) if reason else log.warning("taking work again")
+                self.paused = reason
+            if reason:
+                self.unpaused.clear()
+                if cfg.on_pause == "hand_back":
+                    for k in list(self.running):
+                        self.abort(k, f"handed back: {reason}")
+            else:
+                self.unpaused.set()
+            await asyncio.sleep(ETIQUETTE_EVERY)
+
+    def _pause_reason(self) -> str:
+        cfg, s = self.node.config, self.sampler
+        return pause_reason(cfg, datetime.now(), s.owner_load() if cfg.max_load else None,
+                            s.on_battery() if cfg.pause_on_battery else None,
+                            s.spool_bytes(self.node.spool.root) if cfg.disk else 0)
+
     # -- running a task -----------------------------------------------------------------
 
-    async def _run(self, task: dict[str, Any], progress: str) -> None:
-        t0 = time.monotonic()
+    async def _run(self, task: dict[str, Any], progress: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """Run one task; returns the report for the master (None: nothing to say)."""
+        t0, started = time.monotonic(), time.time()
         pool = self.node.pool
         ident = {"job": task["job"], "phase": task["phase"], "index": task["index"], "attempt": task["attempt"],
                  "node": self.node.name}
         try:
             stats = await (self._map(task, progress) if task["phase"] == "map" else self._reduce(task, progress))
+            if entry["aborted"]:
+                raise Aborted(entry["aborted"])
+        except (TaskAborted, Aborted):
+            why = entry["aborted"] or "stopped"
+            log.info("%s %s of %s stopped: %s", task["phase"], task["index"], task["job"], why)
+            if why.startswith("handed back"):
+                return {"t": "task_failed", **ident, "retry": True, "counted": False, "why": "handed back",
+                        "error": why}
+            return None
         except InputError as exc:
-            await self._report({"t": "task_failed", **ident, "error": str(exc)})
-            return
+            return {"t": "task_failed", **ident, "error": str(exc)}
         except Unreachable as exc:
             log.warning("%s %s of %s: %s", task["phase"], task["index"], task["job"], exc)
             await self._report({"t": "unreachable", "job": task["job"], "phase": exc.phase, "holder": exc.holder,
                                 "indexes": exc.indexes})
-            await self._report({"t": "task_failed", **ident, "retry": True, "counted": False, "error": str(exc)})
-            return
+            return {"t": "task_failed", **ident, "retry": True, "counted": False, "error": str(exc)}
         except (PdpError, OSError, BrokenProcessPool) as exc:
             if isinstance(exc, BrokenProcessPool):
                 exc = PdpError("the task process died")
                 await self.node.restart_pool(pool)
             log.warning("%s %s of %s failed here: %s", task["phase"], task["index"], task["job"], exc)
-            await self._report({"t": "task_failed", **ident, "retry": True, "error": str(exc)})
-            return
-        stats["seconds"] = round(time.monotonic() - t0, 4)
-        await self._report({"t": "task_done", **ident, "stats": stats})
+            return {"t": "task_failed", **ident, "retry": True, "error": str(exc)}
+        stats.update(seconds=round(time.monotonic() - t0, 4), started=round(started, 4),
+                     ended=round(time.time(), 4))
+        return {"t": "task_done", **ident, "stats": stats}
 
     async def _report(self, header: dict[str, Any]) -> None:
         """Tell the master, retrying across a master change until one answers."""
@@ -178,7 +279,7 @@ class Worker:
         finally:
             if path != local:
                 path.unlink(missing_ok=True)
-        return dict(stats)
+        return {**stats, "input_bytes": b - a}
 
     async def _fetch_range(self, task: dict[str, Any], dest: Path) -> tuple[int, int]:
         """Fetch the map's line-aligned bytes from the first holder that answers."""
@@ -236,8 +337,13 @@ class Worker:
                 raise e
         inputs = [str(p) for p in results]
         out = str(node.spool.file(job, f"reduce-{r}"))
+        size = sum(Path(p).stat().st_size for p in inputs)
         stats = await node.run_in_pool(job_kind(task["kind"]).reduce_partitions, inputs, out)
         for path in inputs:
             if "/in-" in path:
                 Path(path).unlink(missing_ok=True)
-        return dict(stats)
+        return {**stats, "input_bytes": size}
+
+
+def _key(task: dict[str, Any]) -> AttemptKey:
+    return (str(task["job"]), str(task["phase"]), int(task["index"]), int(task["attempt"]))

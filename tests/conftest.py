@@ -43,9 +43,11 @@ FAST = {"heartbeat": 0.5, "dead_after": 2.0, "stall_after": 20.0}
 def make_party(tmp_path: Path) -> Iterator[Callable[..., LocalParty]]:
     parties: list[LocalParty] = []
 
-    def make(chaos: str = "sleep=0.15", n: int = 3, **settings: Any) -> LocalParty:
-        party = LocalParty(tmp_path / f"party{len(parties)}", n=n, cpus=1,
-                           env={"PDP_TEST_KINDS": "1", "PDP_CHAOS": chaos}, settings={**FAST, **settings})
+    def make(chaos: str = "sleep=0.15", n: int = 3, cpus: int = 1,
+             node_settings: dict[int, dict[str, Any]] | None = None, **settings: Any) -> LocalParty:
+        party = LocalParty(tmp_path / f"party{len(parties)}", n=n, cpus=cpus,
+                           env={"PDP_TEST_KINDS": "1", "PDP_CHAOS": chaos}, settings={**FAST, **settings},
+                           node_settings=node_settings)
         parties.append(party)
         party.start()
         asyncio.run(party.wait_ready(60))

@@ -187,14 +187,14 @@ def test_finished_and_failed_jobs_are_skipped() -> None:
 # -- maps before reduces --------------------------------------------------------------------
 
 
-def test_maps_before_reduces_and_in_index_order() -> None:
+def test_maps_before_reduces_largest_first_then_in_index_order() -> None:
     s = fresh()
-    submit(s, "j", [10, 3], chunk=4, n_reduce=3)  # maps 0,1,2 (input 0) and 3 (input 1)
+    submit(s, "j", [10, 3], chunk=4, n_reduce=3)  # maps 0,1 (4 bytes), 2 (2 bytes) of input 0, 3 (3 bytes)
     seen = []
     while (k := picked(s)) is not None:
         seen.append(k)
         assign(s, *k)
-    assert seen == [("j", "map", i) for i in range(4)]
+    assert seen == [("j", "map", i) for i in (0, 1, 3, 2)]
     for i in (3, 1, 0):
         complete(s, "j", "map", i)
         assert picked(s) is None, "a reduce was offered before every map was done"

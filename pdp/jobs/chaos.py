@@ -7,7 +7,10 @@ node's environment, ``PDP_CHAOS`` (comma-separated ``key=value``):
 - ``stall=P`` and ``stall_max=S``: with probability P it sleeps up to S seconds first;
 - ``sleep=S``: every call sleeps S seconds first (slow, predictable tasks for fault tests);
 - ``crawl=S``: every map call works slowly for S seconds first, reporting progress all the
-  while (a long but healthy task: its lease must hold).
+  while (a long but healthy task: its lease must hold);
+- ``alloc=MB``: every map call first allocates MB MiB and touches every page, holding it
+  while it works (a memory-hungry task: a node whose ``memory`` limit is lower must fail
+  it cleanly, with :class:`pdp.limits.MemoryLimitExceeded`, so it runs elsewhere).
 
 MIT 6.824's crash test is ``crash=0.33,stall=0.33,stall_max=10``. Outputs are those of
 word count whatever happens, so the sequential oracle still judges the result.
@@ -50,9 +53,19 @@ def _misbehave(progress: str | None = None, crawl: bool = False) -> None:
         time.sleep(random.uniform(0, cfg.get("stall_max", 10.0)))
 
 
+def _hog() -> bytearray:
+    """``alloc`` MiB with every page written, so the memory is really in use."""
+    buf = bytearray(int(_settings().get("alloc", 0.0) * (1 << 20)))
+    buf[::4096] = b"\x01" * len(range(0, len(buf), 4096))
+    return buf
+
+
 def map_range(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    hog = _hog()
     _misbehave(kwargs.get("progress", args[5] if len(args) > 5 else None), crawl=True)
-    return wordcount.map_range(*args, **kwargs)
+    stats = wordcount.map_range(*args, **kwargs)
+    del hog
+    return stats
 
 
 def reduce_partitions(*args: Any, **kwargs: Any) -> dict[str, Any]:
