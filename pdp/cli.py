@@ -418,6 +418,16 @@ key_file = "{key}"
 # dead_after = 2.5                  # a member silent this long is lost (same on every member)
 # stall_after = 30.0                # a task without progress this long runs again
 # max_failures = 10                 # a task failing this often fails its job
+# backup_tasks = true               # a straggler near a phase's end gets a backup copy on a faster member
+#
+# The owner's limits (change them and run `kill -HUP PID` or `pdp reload`: no restart needed)
+# memory = "2G"                     # per task; a task needing more fails here and runs elsewhere (0 = no limit)
+# disk = "20G"                      # most the spool may use; above it the node takes no work (0 = no limit)
+# nice = 10                         # niceness of task processes, 0-19
+# hours = ["mon-fri 18:00-08:00", "weekends"]  # when the node takes work (default: always)
+# max_load = 0.5                    # pause while the owner's own programs use more than this share of the CPUs
+# pause_on_battery = true           # pause while a laptop runs on battery
+# on_pause = "finish"               # or "hand_back": give running tasks back at once when pausing
 """
 
 

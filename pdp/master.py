@@ -287,8 +287,9 @@ class Master:
         await stream.send({"t": "ok", "master": self.node.name, "abort": self._to_abort(name, tasks)})
 
     def _to_abort(self, name: str, tasks: list[dict[str, Any]]) -> list[list[Any]]:
-        """Attempts a member still runs that no longer count: their job ended or was cancelled,
-        another attempt won, or the attempt was given up. The member stops them."""
+        """Attempts a member still runs that can no longer count: their job ended or was
+        cancelled, or another attempt finished the task. The member stops them. (An attempt
+        given up on, e.g. stalled, runs on: if it finishes first, it still wins.)"""
         c = self.node.consensus
         assert c is not None
         stop = []
@@ -300,7 +301,7 @@ class Master:
                 phase, index, attempt = str(t.get("phase")), int(t.get("index", -1)), int(t.get("attempt", 0))
                 found = job.tasks(phase) if phase in ("map", "reduce") else []
                 task = found[index] if 0 <= index < len(found) else None
-                if job.state not in ACTIVE or task is None or task.runs.get(attempt) != name:
+                if job.state not in ACTIVE or task is None or (task.state == "done" and task.attempt >= attempt):
                     stop.append([job.id, phase, index, attempt])
         return stop
 
