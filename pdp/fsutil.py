@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -42,3 +43,12 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes], mo
         else:
             for part in data:
                 f.write(part)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

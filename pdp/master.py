@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -26,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from pdp.consensus import ConsensusError
 from pdp.errors import PdpError
+from pdp.fsutil import sha256_file
 from pdp.jobs import job_kind
-from pdp.scheduler import AttemptKey, TaskKey, jobs_to_assemble, pick_backup, pick_tasks, scores
+from pdp.scheduler import AttemptKey, TaskKey, jobs_to_assemble, pick_backup, pick_tasks
 from pdp.state import ACTIVE, Job, State, Task
 from pdp.transport import Handler, Stream, raft_addr_of, split_addr
 
@@ -173,14 +173,16 @@ class Master:
 
     async def _task_done(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         term = self._require()
-        res = await self.node.propose({"op": "complete", "job": hdr["job"], "phase": hdr["phase"],
-                                       "index": hdr["index"], "attempt": hdr["attempt"], "node": hdr["node"],
-                                       "term": term, "stats": hdr.get("stats") or {}})
+        cmd = {"op": "complete", "job": hdr["job"], "phase": hdr["phase"], "index": hdr["index"],
+               "attempt": hdr["attempt"], "node": hdr["node"], "term": term, "stats": hdr.get("stats") or {}}
+        if isinstance(hdr.get("result"), dict):
+            cmd.update(result=hdr["result"], now=time.time())
+        res = await self.node.propose(cmd)
         if res.get("stale"):
             raise NotMaster(res["error"])
         if res.get("ok"):
-            log.info("job %s: %s %s done on %s (attempt %s)", hdr["job"], hdr["phase"], hdr["index"], hdr["node"],
-                     hdr["attempt"])
+            log.info("job %s: %s %s done on %s (attempt %s)%s", hdr["job"], hdr["phase"], hdr["index"], hdr["node"],
+                     hdr["attempt"], "; the job is done" if res.get("job_done") else "")
         await stream.send({"t": "ok", "accepted": bool(res.get("ok")), "why": res.get("error", "")})
 
     async def _task_failed(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
@@ -433,7 +435,7 @@ class Master:
                 return  # unreachable outputs are being redone
             result = node.spool.file(job_id, "result")
             stats = await node.run_in_pool(job_kind(kind).merge_outputs, [str(p) for p in parts], str(result))
-            digest = await asyncio.to_thread(_sha256, result)
+            digest = await asyncio.to_thread(sha256_file, result)
             copies = await self._replicate(job_id, result, gateway)
             res = await node.propose({"op": "finish", "job": job_id, "term": term, "now": time.time(),
                                       "result": {"holders": [node.name, *copies], "size": stats["bytes"],
@@ -496,6 +498,10 @@ def _assignment(members: dict[str, Any], job: Job, task: Task) -> dict[str, Any]
         inp = job.inputs[task.input]
         spec.update(file=inp["file_id"], name=inp["name"], start=task.start, end=task.end,
                     holders=[(h, members[h].data_addr) for h in inp["holders"] if h in members])
+        if job.whole:  # the task also reduces and stores the result, a copy on the job's gateway first
+            gateway = str(job.form.get("gateway", ""))
+            spec["copy_to"] = sorted(((m.name, m.data_addr) for m in members.values()),
+                                     key=lambda m: (m[0] != gateway, m[0] not in inp["holders"], m[0]))
     else:
         spec["sources"] = [(t.index, t.node, members[t.node].data_addr) for t in job.maps]
     return spec
@@ -504,10 +510,3 @@ def _assignment(members: dict[str, Any], job: Job, task: Task) -> dict[str, Any]
 def _forget(names: set[str], name: str, _: object) -> None:
     names.discard(name)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()

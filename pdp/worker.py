@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from pdp import progress as task_progress
 from pdp.errors import InputError, PdpError
-from pdp.jobs import job_kind
+from pdp.fsutil import sha256_file
+from pdp.jobs import job_kind, run_whole
 from pdp.limits import Sampler, pause_reason
 from pdp.progress import TaskAborted
 from pdp.progress import read as read_progress
@@ -243,7 +244,10 @@ class Worker:
             return {"t": "task_failed", **ident, "retry": True, "error": str(exc)}
         stats.update(seconds=round(time.monotonic() - t0, 4), started=round(started, 4),
                      ended=round(time.time(), 4))
-        return {"t": "task_done", **ident, "stats": stats}
+        report = {"t": "task_done", **ident, "stats": stats}
+        if "result" in stats:
+            report["result"] = stats.pop("result")
+        return report
 
     async def _report(self, header: dict[str, Any]) -> None:
         """Tell the master, retrying across a master change until one answers."""
@@ -271,15 +275,43 @@ class Worker:
             a, b = 0, end - base
         outs = [str(node.spool.file(job, f"map-{task['index']}-{r}")) for r in range(task["n_reduce"])]
         kind = job_kind(task["kind"])
+        whole = task.get("copy_to") is not None
         try:
-            stats = await node.run_in_pool(kind.map_range, str(path), a, b, task["n_reduce"], outs, progress)
+            if whole:
+                stats = await node.run_in_pool(run_whole, task["kind"], str(path), a, b, outs[0],
+                                               str(node.spool.file(job, "result")), progress)
+            else:
+                stats = await node.run_in_pool(kind.map_range, str(path), a, b, task["n_reduce"], outs, progress)
         except kind.InvalidUtf8 as exc:
             raise InputError(f"input {task['name']} is not valid UTF-8: invalid byte at offset {base + exc.offset}; "
                              "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) and submit again") from None
         finally:
             if path != local:
                 path.unlink(missing_ok=True)
-        return {**stats, "input_bytes": b - a}
+        stats = {**stats, "input_bytes": b - a}
+        if whole:
+            stats["result"] = await self._store_whole(task, stats.pop("result_bytes"), stats.pop("result_keys"))
+        return stats
+
+    async def _store_whole(self, task: dict[str, Any], size: int, keys: int) -> dict[str, Any]:
+        """A whole small job ran in one task: store a copy of its result on another member;
+        returns the result record for the log."""
+        node, job = self.node, task["job"]
+        result = node.spool.file(job, "result")
+        digest = await asyncio.to_thread(sha256_file, result)
+        holders, errors = [node.name], []
+        for name, addr in task["copy_to"]:
+            if name == node.name:
+                continue
+            try:
+                await node.push_file(addr, {"t": "store_file", "job": job, "name": "result"}, result)
+                holders.append(name)
+                break
+            except (PdpError, OSError) as exc:
+                errors.append(f"{name}: {exc}")
+        if len(holders) < 2 and len(task["copy_to"]) > 1:
+            raise PdpError(f"no other member took a copy of the result ({'; '.join(errors)})")
+        return {"holders": holders, "size": int(size), "keys": int(keys), "sha256": digest}
 
     async def _fetch_range(self, task: dict[str, Any], dest: Path) -> tuple[int, int]:
         """Fetch the map's line-aligned bytes from the first holder that answers."""

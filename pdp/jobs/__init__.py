@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Any
 
 from pdp.errors import InputError
 
@@ -32,3 +33,14 @@ def job_kind(name: str) -> ModuleType:
         return known[name]
     except KeyError:
         raise InputError(f"unknown job kind {name!r}; known kinds: {', '.join(sorted(known))}") from None
+
+
+def run_whole(kind: str, path: str, start: int, end: int, part: str, result: str,
+              progress: str | None = None) -> dict[str, Any]:
+    """A whole one-map, one-reduce job in one pool call: map ``[start, end)`` of ``path`` into
+    the single partition ``part``, reduce it into ``result``. Returns the map's statistics
+    with the result's ``result_bytes`` and ``result_keys``."""
+    module = job_kind(kind)
+    stats = dict(module.map_range(path, start, end, 1, [part], progress))
+    reduced = module.reduce_partitions([part], result)
+    return {**stats, "result_bytes": reduced["bytes"], "result_keys": reduced["keys"]}
