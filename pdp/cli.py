@@ -251,7 +251,7 @@ def jobs(
 ) -> None:
     """The party's jobs, oldest first (or one job's tasks)."""
     if job_id is not None:
-        _show_job(_run(_call(_node_addr(node), _key(key_file), "job", id=job_id)), as_json)
+        _show_job(_run(_job(_node_addr(node), _key(key_file), job_id)), as_json)
         return
     listing = _run(_call(_node_addr(node), _key(key_file), "jobs"))["jobs"]
     if as_json:
@@ -393,6 +393,11 @@ def demo(
     from pdp.demo import run_demo
 
     _run(run_demo(nodes, keep))
+
+
+async def _job(addr: str, key: bytes, job_id: str) -> dict[str, Any]:
+    async with Client(addr, key) as client:
+        return await client.job(job_id)
 
 
 async def _call(addr: str, key: bytes, kind: str, **fields: Any) -> dict[str, Any]:

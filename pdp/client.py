@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from pdp.errors import InputError, PdpError, ProtocolError, RemoteError
 from pdp.fsutil import atomic_writer
 from pdp.streams import BLOCK
@@ -66,11 +68,16 @@ class Client:
         return self.conn
 
     async def submit(self, kind: str, paths: list[Path], job_id: str, **form: Any) -> dict[str, Any]:
-        """Upload the inputs and queue the job; returns the acknowledgement."""
+        """Upload the inputs and queue the job; returns the acknowledgement.
+
+        ``form`` fields go into the submit header (``chunk_size``, ``reduces``, ``comment``, ...);
+        ``submitter`` defaults to the local user name.
+        """
         inputs = check_inputs(paths)
+        submitter = form.pop("submitter", None) or getpass.getuser()
         stream = self._conn().open_stream()
         try:
-            await stream.send({"t": "submit", "id": job_id, "kind": kind, "submitter": getpass.getuser(),
+            await stream.send({"t": "submit", "id": job_id, "kind": kind, "submitter": submitter,
                                "inputs": [{"name": str(p), "size": size} for p, size in inputs], **form})
             first = await stream.recv(30.0)
             if first.header["t"] == "accepted":
@@ -119,6 +126,11 @@ class Client:
         finally:
             stream.close()
 
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """One job with its tasks (where each ran, attempts, statistics)."""
+        frame = await self._conn().request({"t": "job", "id": job_id}, timeout=15.0)
+        return {**frame.header, "tasks": msgpack.unpackb(frame.payload)}
+
     async def call(self, kind: str, timeout: float = 15.0, **fields: Any) -> dict[str, Any]:
         frame = await self._conn().request({"t": kind, **fields}, timeout=timeout)
         return frame.header
@@ -140,6 +152,9 @@ class Failover:
 
     ``addrs`` starts with the node the user named; the gateway's acknowledgement adds every
     member. Retries are safe: the job id makes submit idempotent, wait and result are reads.
+    One connection is kept open and reused by every operation; it is dropped (and the next
+    member dialed) only when an operation fails for a reason another member might not have.
+    Use as an async context manager, or call :meth:`close`, to close it.
     """
 
     def __init__(self, addrs: list[str], key: bytes, patience: float = 120.0) -> None:
@@ -147,9 +162,33 @@ class Failover:
         self.key = key
         self.patience = patience
         self.current = 0
+        self.client: Client | None = None
 
     def learn(self, members: list[str]) -> None:
         self.addrs.extend(a for a in members if a not in self.addrs)
+
+    async def __aenter__(self) -> Failover:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.client is not None:
+            if self.client.conn is not None:
+                self.client.conn.close()
+            self.client = None
+
+    async def _client(self, addr: str) -> Client:
+        """The open connection to ``addr``, dialed if there is none (or it has closed)."""
+        client = self.client
+        if client is not None and client.node == addr and client.conn is not None and not client.conn.closed:
+            return client
+        self.close()
+        client = Client(addr, self.key)
+        await client.__aenter__()
+        self.client = client
+        return client
 
     async def run(self, op: Callable[[Client], Any], what: str) -> Any:
         """Run ``op`` against a member; on a lost connection move on to the next, with backoff."""
@@ -158,14 +197,14 @@ class Failover:
         while True:
             addr = self.addrs[self.current % len(self.addrs)]
             try:
-                async with Client(addr, self.key) as client:
-                    return await op(client)
+                return await op(await self._client(addr))
             except (ConnectionLost, RetryLater) as exc:
                 errors.append(f"{addr}: {exc}")
             except RemoteError as exc:
                 if not _transient(exc):
                     raise
                 errors.append(f"{addr}: {exc}")
+            self.close()
             if time.monotonic() > deadline:
                 raise PdpError(f"could not {what} through any member in {self.patience:g} s: {'; '.join(errors[-3:])}")
             self.current += 1
@@ -188,21 +227,21 @@ async def run_job(
     on_progress: Progress | None = None, **form: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Submit, wait and fetch the result, surviving the loss of any one member."""
-    party = Failover(addrs, key)
+    async with Failover(addrs, key) as party:
 
-    async def submit(c: Client) -> dict[str, Any]:
-        return await c.submit(kind, inputs, job_id, **form)
+        async def submit(c: Client) -> dict[str, Any]:
+            return await c.submit(kind, inputs, job_id, **form)
 
-    ack = await party.run(submit, f"submit {job_id}")
-    party.learn(list(ack.get("members") or []))
+        ack = await party.run(submit, f"submit {job_id}")
+        party.learn(list(ack.get("members") or []))
 
-    async def wait(c: Client) -> dict[str, Any]:
-        return await c.wait(job_id, on_progress)
+        async def wait(c: Client) -> dict[str, Any]:
+            return await c.wait(job_id, on_progress)
 
-    summary = await party.run(wait, f"follow {job_id}")
+        summary = await party.run(wait, f"follow {job_id}")
 
-    async def fetch(c: Client) -> dict[str, Any]:
-        return await c.fetch_result(job_id, out)
+        async def fetch(c: Client) -> dict[str, Any]:
+            return await c.fetch_result(job_id, out)
 
-    head = await party.run(fetch, f"fetch the result of {job_id}")
-    return summary, head
+        head = await party.run(fetch, f"fetch the result of {job_id}")
+        return summary, head

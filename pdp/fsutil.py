@@ -12,11 +12,14 @@ from typing import BinaryIO
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Yield a binary file; on clean exit it is fsynced and renamed onto ``path``.
+def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
+    """Yield a binary file; on clean exit it is fsynced (unless not ``durable``) and renamed
+    onto ``path``.
 
     On an exception the temp file is removed and ``path`` is untouched, so a reader
-    never sees a partial file.
+    never sees a partial file. Intermediate files that the party can recompute (map and
+    reduce outputs) skip the fsync: after a power cut they are redone, like Raft's own
+    state, which pysyncobj does not fsync either.
     """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -24,7 +27,8 @@ def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[B
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
@@ -35,9 +39,10 @@ def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[B
         raise
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes], mode: int = 0o644) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes | Iterable[bytes], mode: int = 0o644,
+                 durable: bool = True) -> None:
     """Write ``data`` (bytes or an iterable of bytes) to ``path`` atomically."""
-    with atomic_writer(path, mode) as f:
+    with atomic_writer(path, mode, durable) as f:
         if isinstance(data, (bytes, bytearray, memoryview)):
             f.write(data)
         else:

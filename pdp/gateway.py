@@ -13,6 +13,8 @@ import asyncio
 import logging
 import time
 import zlib
+
+import msgpack
 from typing import TYPE_CHECKING, Any
 
 from pdp.consensus import ConsensusError
@@ -377,7 +379,7 @@ class Gateway:
                       "runs": sorted(t.runs.items()), "failed_on": list(t.failed_on), "bytes": t.size(),
                       "stats": dict(t.stats)} for t in job.maps + job.reduces]
             summary = job_summary(job)
-        await stream.send({"t": "job", **summary, "tasks": tasks})
+        await stream.send({"t": "job", **summary}, msgpack.packb(tasks))  # tasks: too many for a header
 
     async def _jobs(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         assert self.node.consensus is not None

@@ -60,7 +60,8 @@ class Master:
         self.dead_after, self.stall_after, self.max_failures = cfg.dead_after, cfg.stall_after, cfg.max_failures
 
     def handlers(self) -> dict[str, Handler]:
-        return {"get_task": self._get_task, "task_done": self._task_done, "task_failed": self._task_failed,
+        return {"get_task": self._get_task, "task_done": self._task_done, "tasks_done": self._tasks_done,
+                "task_failed": self._task_failed,
                 "heartbeat": self._heartbeat, "live": self._live, "unreachable": self._unreachable,
                 "core_change": self._core}
 
@@ -172,6 +173,16 @@ class Master:
         return info
 
     async def _task_done(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        res = await self._complete(hdr)
+        await stream.send({"t": "ok", "accepted": bool(res.get("ok")), "why": res.get("error", "")})
+
+    async def _tasks_done(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Completions of a bundle of small tasks: one Raft entry for all of them."""
+        done = [d for d in hdr["done"] if isinstance(d, dict)]
+        results = await asyncio.gather(*(self._complete(d) for d in done))
+        await stream.send({"t": "ok", "accepted": sum(bool(r.get("ok")) for r in results)})
+
+    async def _complete(self, hdr: dict[str, Any]) -> dict[str, Any]:
         term = self._require()
         cmd = {"op": "complete", "job": hdr["job"], "phase": hdr["phase"], "index": hdr["index"],
                "attempt": hdr["attempt"], "node": hdr["node"], "term": term, "stats": hdr.get("stats") or {}}
@@ -183,7 +194,7 @@ class Master:
         if res.get("ok"):
             log.info("job %s: %s %s done on %s (attempt %s)%s", hdr["job"], hdr["phase"], hdr["index"], hdr["node"],
                      hdr["attempt"], "; the job is done" if res.get("job_done") else "")
-        await stream.send({"t": "ok", "accepted": bool(res.get("ok")), "why": res.get("error", "")})
+        return res
 
     async def _task_failed(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """A bad input fails the job; any other failure gives the task back (counted)."""

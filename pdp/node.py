@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import json
 import logging
 import multiprocessing
@@ -28,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pdp import wire
+from pdp import mapoutput, wire
 from pdp.config import NodeConfig, changed_settings, load_key
 from pdp.consensus import Consensus, ConsensusError
 from pdp.errors import AuthError, PdpError
@@ -37,12 +38,13 @@ from pdp.limits import run_limited
 from pdp.state import ACTIVE
 from pdp.split import aligned_bounds
 from pdp.spool import Spool
-from pdp.streams import recv_file, send_file
+from pdp.streams import recv_file, recv_parts, send_file, send_parts
 from pdp.transport import Connection, Handler, Peers, Stream, accept, raft_addr_of, split_addr
 
 log = logging.getLogger("pdp.node")
 
 MAX_CONNECTIONS_PER_HOST = 64
+MAX_FILES_PER_FETCH = 1024
 JANITOR_EVERY = 10.0  # seconds between sweeps of the spool for files of ended jobs
 
 
@@ -138,6 +140,7 @@ class Node:
             cfg.listen.rsplit(":", 1)[0], self._on_change,
         )
         self.handlers.update({"fetch_range": self._fetch_range, "fetch_file": self._fetch_file,
+                              "fetch_parts": self._fetch_parts,
                               "store_file": self._store_file, "store_input": self._store_input,
                               "become": self._become, "reload": self._reload})
         for part in (self.master, self.worker, self.gateway):
@@ -451,6 +454,13 @@ class Node:
             raise PdpError(f"{self.name} has no {hdr['name']} for job {hdr['job']}")
         await send_file(stream, path)
 
+    async def _fetch_parts(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Send one reduce partition of several map outputs on one stream (for a reducer)."""
+        maps = [int(m) for m in hdr["maps"]][:MAX_FILES_PER_FETCH]
+        job_id, r = str(hdr["job"]), int(hdr["partition"])
+        await send_parts(stream, [(m, functools.partial(mapoutput.read, str(self.spool.file(job_id, f"map-{m}")), r))
+                                  for m in maps])
+
     async def _store_file(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """Keep a copy of a job file another member sends (a result's second copy)."""
         size = await recv_file(stream, self.spool.file(str(hdr["job"]), str(hdr["name"])))
@@ -469,7 +479,19 @@ class Node:
         stream = conn.open_stream()
         try:
             await stream.send({"t": "fetch_file", "job": job_id, "name": name})
-            return await recv_file(stream, dest, timeout)
+            return await recv_file(stream, dest, timeout, durable=False)  # a reduce output: recomputable
+        finally:
+            stream.close()
+
+    async def fetch_parts(self, addr: str, job_id: str, maps: list[int], r: int, dest: Path,
+                          timeout: float = 30.0) -> list[int]:
+        """Fetch partition ``r`` of the outputs of ``maps`` from the member at ``addr``,
+        concatenated into ``dest``, in one request; returns the maps it did not have."""
+        conn = await self.peers.get(addr)
+        stream = conn.open_stream()
+        try:
+            await stream.send({"t": "fetch_parts", "job": job_id, "maps": maps, "partition": r})
+            return await recv_parts(stream, dest, set(maps), timeout)
         finally:
             stream.close()
 

@@ -4,8 +4,8 @@ Layout under ``<data-dir>/spool``::
 
     inputs/<job>-<k>            input k of a job, as uploaded by the submitter
     jobs/<job>/chunk-<m>        map m's line-aligned bytes fetched from a holder
-    jobs/<job>/map-<m>-<r>      map m's output for reduce partition r
-    jobs/<job>/in-<r>-<m>       a reducer's fetched copy of map-<m>-<r>
+    jobs/<job>/map-<m>          map m's output: every reduce partition (pdp.mapoutput)
+    jobs/<job>/in-<r>-<k>       a reducer's k-th batch of partition r fetched from other members
     jobs/<job>/reduce-<r>       reduce r's output (sorted lines)
     jobs/<job>/part-<r>         the master's fetched copy of reduce-<r>
     jobs/<job>/result           the job's final output
@@ -22,7 +22,7 @@ from pathlib import Path
 from pdp.errors import PdpError
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_NAME = re.compile(r"^(chunk-\d+|map-\d+-\d+|in-\d+-\d+|reduce-\d+|part-\d+|result|progress-\d+)$")
+_NAME = re.compile(r"^(chunk-\d+|map-\d+|in-\d+-\d+|reduce-\d+|part-\d+|result|progress-\d+)$")
 
 
 def check_id(job_id: str) -> str:

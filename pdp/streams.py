@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from pdp.errors import ProtocolError
+from pdp.errors import PdpError, ProtocolError
 from pdp.fsutil import atomic_writer
 from pdp.transport import Stream
 
@@ -28,10 +29,11 @@ async def send_file(stream: Stream, path: Path, start: int = 0, end: int | None 
     return sent
 
 
-async def recv_file(stream: Stream, path: Path, timeout: float = 30.0) -> int:
-    """Receive ``data`` frames into ``path`` (atomically) until ``end``; returns the size."""
+async def recv_file(stream: Stream, path: Path, timeout: float = 30.0, durable: bool = True) -> int:
+    """Receive ``data`` frames into ``path`` (atomically) until ``end``; returns the size.
+    ``durable=False`` for intermediate files the party can recompute (no fsync)."""
     size = 0
-    with atomic_writer(path) as f:
+    with atomic_writer(path, durable=durable) as f:
         while True:
             frame = await stream.recv(timeout)
             kind = frame.header["t"]
@@ -55,3 +57,45 @@ async def relay(source: Stream, sink: Stream, timeout: float = 30.0) -> int:
         if frame.header["t"] == "end":
             return size
         size += len(frame.payload)
+
+
+async def send_parts(stream: Stream, parts: list[tuple[int, Callable[[], bytes]]]) -> None:
+    """Send several map outputs' slices on one stream: each as ``data`` frames then ``eop``
+    with its map index (or ``missing``), and a final ``end``."""
+    for m, read in parts:
+        try:
+            data = read()
+        except (FileNotFoundError, PdpError):
+            await stream.send({"t": "missing", "map": m})
+            continue
+        for k in range(0, len(data), BLOCK):
+            await stream.send({"t": "data"}, data[k:k + BLOCK])
+        await stream.send({"t": "eop", "map": m, "size": len(data)})
+    await stream.send({"t": "end"})
+
+
+async def recv_parts(stream: Stream, dest: Path, maps: set[int], timeout: float = 30.0) -> list[int]:
+    """Receive what :func:`send_parts` sends, concatenated into ``dest`` (an intermediate file:
+    no fsync); returns the maps the sender did not have."""
+    missing: list[int] = []
+    size = 0
+    with atomic_writer(dest, durable=False) as f:
+        while True:
+            frame = await stream.recv(timeout)
+            kind = frame.header["t"]
+            if kind == "data":
+                f.write(frame.payload)
+                size += len(frame.payload)
+            elif kind in ("eop", "missing"):
+                m = int(frame.header["map"])
+                if m not in maps:
+                    raise ProtocolError(f"the sender sent map {m}, which was not asked for")
+                if kind == "missing":
+                    missing.append(m)
+                elif frame.header.get("size") != size:
+                    raise ProtocolError(f"map {m}: got {size} bytes, the sender says {frame.header.get('size')}")
+                size = 0
+            elif kind == "end":
+                return missing
+            else:
+                raise ProtocolError(f"unexpected {kind!r} frame in a file stream")

@@ -23,10 +23,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pdp import mapoutput
 from pdp import progress as task_progress
 from pdp.errors import InputError, PdpError
 from pdp.fsutil import sha256_file
-from pdp.jobs import job_kind, run_whole
+from pdp.jobs import job_kind, run_maps, run_whole
 from pdp.limits import Sampler, pause_reason
 from pdp.progress import TaskAborted
 from pdp.progress import read as read_progress
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdp.worker")
 
 FETCH_PARALLEL = 8
+FETCH_BATCH = 256  # map outputs fetched from one holder in one request
 ETIQUETTE_EVERY = 2.0  # seconds between checks of the owner's limits
 
 
@@ -117,7 +119,8 @@ class Worker:
         log.info("task slot %d closed", slot)
 
     async def _run_bundle(self, slot: int, tasks: list[dict[str, Any]]) -> None:
-        """Run the tasks one after another; every one is listed (as running) until it ends."""
+        """Run the tasks (small maps together, else one after another); each is listed (as
+        running) in heartbeats until it ends."""
         progress = str(self.node.spool.file(tasks[0]["job"], f"progress-{slot}"))
         entries = []
         for task in tasks:
@@ -127,13 +130,21 @@ class Worker:
             entries.append(k)
         reports: list[asyncio.Task[None]] = []
         try:
+            together = await self._run_maps_together(tasks, progress) if len(tasks) > 1 else None
+            if together is not None:
+                if together:
+                    reports.append(asyncio.create_task(self._report({"t": "tasks_done", "done": together})))
+                return
             for task in tasks:
                 entry = self.running[_key(task)]
                 if entry["aborted"]:
                     continue
                 task_progress.clear(progress)
                 entry["file"] = progress
-                header = await self._run(task, progress, entry)
+                try:
+                    header = await self._run(task, progress, entry)
+                finally:
+                    self.running.pop(_key(task), None)  # done: no longer listed, nor stopped by a request
                 if header is not None:
                     reports.append(asyncio.create_task(self._report(header)))
         finally:
@@ -141,6 +152,55 @@ class Worker:
                 self.running.pop(k, None)
             if reports:
                 await asyncio.gather(*reports, return_exceptions=True)
+
+    async def _run_maps_together(self, tasks: list[dict[str, Any]], progress: str) -> list[dict[str, Any]] | None:
+        """A bundle of small maps in one pool call, their inputs fetched first; returns the
+        completion reports, or None to run them one by one (any trouble, or not maps)."""
+        if any(t["phase"] != "map" or t.get("copy_to") is not None for t in tasks):
+            return None
+        node, t0, started = self.node, time.monotonic(), time.time()
+        entries = [self.running[_key(t)] for t in tasks]
+        fetched: list[Path] = []
+        try:
+            specs = await asyncio.gather(*(self._map_spec(t, fetched) for t in tasks))
+            task_progress.clear(progress)
+            for entry in entries:
+                entry["file"] = progress
+            stats = await node.run_in_pool(run_maps, tasks[0]["kind"], [s[0] for s in specs], progress)
+        except Exception as exc:  # noqa: BLE001 - each task then meets its own error on its own
+            log.debug("bundle of %d maps of %s: %s; running them one by one", len(tasks), tasks[0]["job"], exc)
+            for entry in entries:
+                entry["file"] = ""
+            if isinstance(exc, BrokenProcessPool):
+                await node.restart_pool(node.pool)
+            return None  # the ones not stopped run one by one
+        finally:
+            for path in fetched:
+                path.unlink(missing_ok=True)
+        for t in tasks:
+            self.running.pop(_key(t), None)
+        seconds, ended = round((time.monotonic() - t0) / len(tasks), 4), round(time.time(), 4)
+        return [{"t": "task_done", "job": t["job"], "phase": "map", "index": t["index"], "attempt": t["attempt"],
+                 "node": node.name, "stats": {**st, "input_bytes": spec[1], "seconds": seconds,
+                                              "started": round(started, 4), "ended": ended}}
+                for t, st, spec in zip(tasks, stats, specs)]
+
+    async def _map_spec(self, task: dict[str, Any], fetched: list[Path]
+                        ) -> tuple[tuple[str, int, int, int, list[str]], int]:
+        """(run_maps argument, its line-aligned size) for a map: its input here, or fetched."""
+        node, job = self.node, task["job"]
+        local = node.spool.input(task["file"])
+        if local.exists():
+            with open(local, "rb") as f:
+                a, b = aligned_bounds(f, task["start"], task["end"], local.stat().st_size)
+            path = local
+        else:
+            path = node.spool.file(job, f"chunk-{task['index']}")
+            fetched.append(path)
+            base, end = await self._fetch_range(task, path)
+            a, b = 0, end - base
+        out = str(node.spool.file(job, f"map-{task['index']}"))
+        return (str(path), a, b, task["n_reduce"], out), b - a
 
     async def _ask(self) -> list[dict[str, Any]]:
         master = self.node.master_addr()
@@ -223,11 +283,11 @@ class Worker:
             if entry["aborted"]:
                 raise Aborted(entry["aborted"])
         except (TaskAborted, Aborted):
-            why = entry["aborted"] or "stopped"
-            log.info("%s %s of %s stopped: %s", task["phase"], task["index"], task["job"], why)
-            if why.startswith("handed back"):
+            why = entry["aborted"]
+            log.info("%s %s of %s stopped: %s", task["phase"], task["index"], task["job"], why or "no reason")
+            if not why or why.startswith("handed back"):  # give it back to run elsewhere at once
                 return {"t": "task_failed", **ident, "retry": True, "counted": False, "why": "handed back",
-                        "error": why}
+                        "error": why or "stopped without a reason"}
             return None
         except InputError as exc:
             return {"t": "task_failed", **ident, "error": str(exc)}
@@ -260,7 +320,7 @@ class Worker:
                 except (PdpError, OSError) as exc:
                     log.debug("report to %s failed: %s", master[0], exc)
             await asyncio.sleep(0.5)
-        log.warning("could not report %s %s of %s to any master", header.get("phase"), header.get("index"), header["job"])
+        log.warning("could not report %s %s of %s to any master", header.get("phase"), header.get("index"), header.get("job", "a bundle"))
 
     async def _map(self, task: dict[str, Any], progress: str) -> dict[str, Any]:
         node, job = self.node, task["job"]
@@ -273,15 +333,15 @@ class Worker:
             path = node.spool.file(job, f"chunk-{task['index']}")
             base, end = await self._fetch_range(task, path)
             a, b = 0, end - base
-        outs = [str(node.spool.file(job, f"map-{task['index']}-{r}")) for r in range(task["n_reduce"])]
+        out = str(node.spool.file(job, f"map-{task['index']}"))
         kind = job_kind(task["kind"])
         whole = task.get("copy_to") is not None
         try:
             if whole:
-                stats = await node.run_in_pool(run_whole, task["kind"], str(path), a, b, outs[0],
+                stats = await node.run_in_pool(run_whole, task["kind"], str(path), a, b, out,
                                                str(node.spool.file(job, "result")), progress)
             else:
-                stats = await node.run_in_pool(kind.map_range, str(path), a, b, task["n_reduce"], outs, progress)
+                stats = await node.run_in_pool(kind.map_range, str(path), a, b, task["n_reduce"], out, progress)
         except kind.InvalidUtf8 as exc:
             raise InputError(f"input {task['name']} is not valid UTF-8: invalid byte at offset {base + exc.offset}; "
                              "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) and submit again") from None
@@ -324,7 +384,7 @@ class Worker:
                     await stream.send({"t": "fetch_range", "file": task["file"], "start": task["start"],
                                        "end": task["end"]})
                     head = await stream.recv(30.0)
-                    await recv_file(stream, dest)
+                    await recv_file(stream, dest, durable=False)
                     return int(head.header["a"]), int(head.header["b"])
                 finally:
                     stream.close()
@@ -334,46 +394,58 @@ class Worker:
 
     async def _reduce(self, task: dict[str, Any], progress: str) -> dict[str, Any]:
         node, job, r = self.node, task["job"], task["index"]
-        gate = asyncio.Semaphore(FETCH_PARALLEL)
-        fetched = 0
-
-        async def fetch(m: int, holder: str, addr: str) -> str:
-            nonlocal fetched
+        sources: list[tuple[str, int]] = []  # (map output file, r) here; (fetched slices, -1) from others
+        remote: dict[str, tuple[str, list[int]]] = {}  # holder -> (address, maps whose outputs it holds)
+        for m, holder, addr in task["sources"]:
             if holder == node.name:
-                path = node.spool.file(job, f"map-{m}-{r}")
+                path = node.spool.file(job, f"map-{m}")
                 if not path.exists():
                     raise Unreachable("map", holder, [m], "not in this spool")
-                return str(path)
-            dest = node.spool.file(job, f"in-{r}-{m}")
+                sources.append((str(path), r))
+            else:
+                remote.setdefault(holder, (addr, []))[1].append(m)
+        batches = [(h, a, ms[k:k + FETCH_BATCH]) for h, (a, ms) in remote.items() for k in range(0, len(ms), FETCH_BATCH)]
+        gate = asyncio.Semaphore(FETCH_PARALLEL)
+        fetched = len(sources)
+
+        async def fetch(k: int, holder: str, addr: str, maps: list[int]) -> str:
+            nonlocal fetched
+            dest = node.spool.file(job, f"in-{r}-{k}")
             async with gate:
                 for attempt in range(2):
                     try:
-                        await node.fetch_file(addr, job, f"map-{m}-{r}", dest, timeout=15.0)
+                        missing = await node.fetch_parts(addr, job, maps, r, dest)
                         break
                     except (PdpError, OSError) as exc:
                         if attempt:
-                            raise Unreachable("map", holder, [m], str(exc)) from None
+                            raise Unreachable("map", holder, maps, str(exc)) from None
                         await asyncio.sleep(0.3)
-            fetched += 1
+            if missing:
+                dest.unlink(missing_ok=True)
+                raise Unreachable("map", holder, sorted(missing), "not in its spool")
+            fetched += len(maps)
             report_progress(progress, fetched)
             return str(dest)
 
-        results = await asyncio.gather(*(fetch(m, h, a) for m, h, a in task["sources"]), return_exceptions=True)
-        lost = [e for e in results if isinstance(e, Unreachable)]
-        if lost:
-            holder = lost[0].holder
-            raise Unreachable("map", holder, sorted(i for e in lost if e.holder == holder for i in e.indexes),
-                              str(lost[0]))
-        for e in results:
-            if isinstance(e, BaseException):
-                raise e
-        inputs = [str(p) for p in results]
-        out = str(node.spool.file(job, f"reduce-{r}"))
-        size = sum(Path(p).stat().st_size for p in inputs)
-        stats = await node.run_in_pool(job_kind(task["kind"]).reduce_partitions, inputs, out)
-        for path in inputs:
-            if "/in-" in path:
-                Path(path).unlink(missing_ok=True)
+        results = await asyncio.gather(*(fetch(k, *b) for k, b in enumerate(batches)), return_exceptions=True)
+        fetched_files = [p for p in results if isinstance(p, str)]
+        try:
+            lost = [e for e in results if isinstance(e, Unreachable)]
+            if lost:
+                holder = lost[0].holder
+                raise Unreachable("map", holder, sorted(i for e in lost if e.holder == holder for i in e.indexes),
+                                  str(lost[0]))
+            for got in results:
+                if isinstance(got, BaseException):
+                    raise got
+            sources.extend((p, -1) for p in fetched_files)
+            out = str(node.spool.file(job, f"reduce-{r}"))
+            size = sum(Path(p).stat().st_size for p in fetched_files) + sum(
+                mapoutput.size(p, r) for p, part in sources if part >= 0)
+            stats = await node.run_in_pool(job_kind(task["kind"]).reduce_partitions, sources, out)
+        finally:
+            for p in fetched_files:
+                Path(p).unlink(missing_ok=True)
         return {**stats, "input_bytes": size}
 
 

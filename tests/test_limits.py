@@ -437,7 +437,7 @@ def test_chaos_alloc_fails_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     src = tmp_path / "in.txt"
     src.write_text("hello world hello\n")
-    outs = [str(tmp_path / "out-0")]
+    outs = str(tmp_path / "out-0")
     monkeypatch.setenv("PDP_CHAOS", "alloc=200")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as executor:
         with pytest.raises(MemoryLimitExceeded, match="memory = 64 MiB"):

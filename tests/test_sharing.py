@@ -31,7 +31,7 @@ def run(coro: Any) -> Any:
 
 async def detail(party: LocalParty, job_id: str, i: int = 0) -> dict[str, Any]:
     async with Client(party.addr(i), party.key) as c:
-        return await c.call("job", id=job_id)
+        return await c.job(job_id)
 
 
 async def wordcount(party: LocalParty, inputs: list[Path], out: Path, job_id: str, i: int = 0, kind: str = "chaos",

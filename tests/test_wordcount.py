@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdp.errors import InputError
+from pdp import mapoutput
+from pdp.errors import InputError, PdpError
 from pdp.jobs import wordcount as wc
 from pdp.split import aligned_bounds, plan_ranges
 
@@ -169,14 +170,17 @@ def run_pipeline(paths: list[str], chunk: int, n_reduce: int, work: Path) -> byt
         with open(path, "rb") as f:
             bounds = [aligned_bounds(f, s, e, size) for s, e in plan_ranges(size, chunk)]
         for a, b in bounds:
-            outs = [str(work / f"m{len(maps)}-{r}") for r in range(n_reduce)]
-            stats = wc.map_range(path, a, b, n_reduce, outs)
+            out = str(work / f"m{len(maps)}")
+            stats = wc.map_range(path, a, b, n_reduce, out)
             assert stats["bytes"] == b - a
-            maps.append(outs)
+            maps.append(out)
     reduced = []
     for r in range(n_reduce):
         out = str(work / f"r{r}")
-        stats = wc.reduce_partitions([m[r] for m in maps], out)
+        # half the partitions read from map output files, half as a fetched concatenation
+        concat = work / f"in{r}"
+        concat.write_bytes(b"".join(mapoutput.read(m, r) for m in maps[::2]))
+        stats = wc.reduce_partitions([(str(concat), -1), *((m, r) for m in maps[1::2])], out)
         assert stats["bytes"] == os.path.getsize(out)
         reduced.append(out)
     final = work / "final"
@@ -196,16 +200,22 @@ def test_pipeline_equals_oracle(
 def test_map_range_partitions(tmp_path: Path) -> None:
     p = tmp_path / "in"
     p.write_bytes("b a b ä\nc".encode())
-    outs = [str(tmp_path / f"p{i}") for i in range(4)]
-    assert wc.map_range(str(p), 0, p.stat().st_size, 4, outs) == {"bytes": p.stat().st_size, "words": 5, "keys": 4}
+    out = str(tmp_path / "map")
+    assert wc.map_range(str(p), 0, p.stat().st_size, 4, out) == {"bytes": p.stat().st_size, "words": 5, "keys": 4}
     merged: dict[bytes, int] = {}
-    for i, o in enumerate(outs):
-        part = msgpack.unpackb(Path(o).read_bytes(), raw=False, strict_map_key=False)
+    for i in range(4):
+        part = msgpack.unpackb(mapoutput.read(out, i), raw=False, strict_map_key=False)
+        assert len(mapoutput.read(out, i)) == mapoutput.size(out, i)
         assert all(isinstance(k, bytes) and wc.partition_of(k, 4) == i for k in part)
         merged.update(part)
     assert merged == {b"a": 1, b"b": 2, "ä".encode(): 1, b"c": 1}
     with pytest.raises(ValueError):
-        wc.map_range(str(p), 0, 1, 2, outs)
+        wc.map_range(str(p), 0, 1, 0, out)
+    with pytest.raises(PdpError, match="has 4 partitions"):
+        mapoutput.read(out, 4)
+    Path(out).write_bytes(b"junk")
+    with pytest.raises(PdpError, match="not a map output file"):
+        mapoutput.read(out, 0)
 
 
 def test_oracle_matches_naive_on_corpus_file(corpus_paths: list[str]) -> None:

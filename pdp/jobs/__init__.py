@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from pdp.errors import InputError
+from pdp.progress import report
 
 
 def kinds() -> dict[str, ModuleType]:
@@ -41,6 +42,24 @@ def run_whole(kind: str, path: str, start: int, end: int, part: str, result: str
     the single partition ``part``, reduce it into ``result``. Returns the map's statistics
     with the result's ``result_bytes`` and ``result_keys``."""
     module = job_kind(kind)
-    stats = dict(module.map_range(path, start, end, 1, [part], progress))
-    reduced = module.reduce_partitions([part], result)
+    stats = dict(module.map_range(path, start, end, 1, part, progress))
+    reduced = module.reduce_partitions([(part, 0)], result)
+    fd = os.open(result, os.O_RDONLY)  # the result is what the submitter gets: make it durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return {**stats, "result_bytes": reduced["bytes"], "result_keys": reduced["keys"]}
+
+
+def run_maps(kind: str, maps: list[tuple[str, int, int, int, str]], progress: str | None = None
+             ) -> list[dict[str, Any]]:
+    """Several small map tasks in one pool call (a bundle): each ``(path, start, end,
+    n_reduce, out)`` as in ``map_range``; returns their statistics in order. Progress is
+    the bytes done over the whole bundle."""
+    module, done, out = job_kind(kind), 0, []
+    for path, start, end, n_reduce, out_path in maps:
+        out.append(dict(module.map_range(path, start, end, n_reduce, out_path)))
+        done += end - start
+        report(progress, done)
+    return out

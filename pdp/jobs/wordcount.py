@@ -39,6 +39,7 @@ from itertools import groupby
 
 import msgpack
 
+from pdp import mapoutput
 from pdp.errors import InputError
 from pdp.fsutil import atomic_write, atomic_writer
 from pdp.progress import report
@@ -156,17 +157,17 @@ def partition_of(word: bytes, n: int) -> int:
 
 
 def map_range(
-    path: str, start: int, end: int, n_reduce: int, out_paths: list[str], progress: str | None = None
+    path: str, start: int, end: int, n_reduce: int, out_path: str, progress: str | None = None
 ) -> dict:
-    """Count bytes ``[start, end)`` of ``path`` and write ``n_reduce`` msgpack partition files."""
-    if n_reduce < 1 or len(out_paths) != n_reduce:
-        raise ValueError(f"need n_reduce >= 1 and one output path per partition, got {n_reduce} and {len(out_paths)}")
+    """Count bytes ``[start, end)`` of ``path`` and write one map output file (see
+    :mod:`pdp.mapoutput`) of ``n_reduce`` msgpack partitions (word bytes -> count)."""
+    if n_reduce < 1:
+        raise ValueError(f"need n_reduce >= 1, got {n_reduce}")
     counts = count_file_range(path, start, end, progress=progress)
     parts: list[dict[bytes, int]] = [{} for _ in range(n_reduce)]
     for word, n in counts.items():
         parts[partition_of(word, n_reduce)][word] = n
-    for part, out in zip(parts, out_paths):
-        atomic_write(out, msgpack.packb(part, use_bin_type=True))
+    mapoutput.write(out_path, [msgpack.packb(part, use_bin_type=True) for part in parts])
     return {"bytes": end - start, "words": sum(counts.values()), "keys": len(counts)}
 
 
@@ -175,14 +176,17 @@ def format_counts(counts: Mapping[bytes, int]) -> bytes:
     return b"".join(sorted(b"%s\t%d\n" % (w, n) for w, n in counts.items()))
 
 
-def reduce_partitions(in_paths: list[str], out_path: str) -> dict:
-    """Sum the msgpack map outputs of one partition and write its sorted lines to ``out_path``."""
+def reduce_partitions(sources: list[mapoutput.Source], out_path: str) -> dict:
+    """Sum one partition of the map outputs (``sources``, see :mod:`pdp.mapoutput`) and write
+    its sorted lines to ``out_path``."""
     total: Counter[bytes] = Counter()
-    for p in in_paths:
-        with open(p, "rb") as f:
-            total.update(msgpack.unpackb(f.read(), raw=False, strict_map_key=False))
+    for path, r in sources:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
+        unpacker.feed(mapoutput.read(path, r))
+        for counts in unpacker:
+            total.update(counts)
     data = format_counts(total)
-    atomic_write(out_path, data)
+    atomic_write(out_path, data, durable=False)
     return {"keys": len(total), "bytes": len(data)}
 
 
