@@ -35,6 +35,7 @@ log = logging.getLogger("pdp.gateway")
 MAX_INPUTS = 1000
 MAX_REDUCES = 64
 KEEPALIVE = 5.0  # a waiting client hears from its gateway at least this often
+PROGRESS_GAP = 0.1  # a waiting client hears of progress at most this often (the end at once)
 LAG_GRACE = 5.0  # how long a member waits for its copy of the log to show a job it is asked about
 
 
@@ -196,13 +197,17 @@ class Gateway:
                 continue
             if job is None:
                 raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
+            if job.state in ACTIVE and time.monotonic() - sent < PROGRESS_GAP:
+                await self.node.changes.wait(PROGRESS_GAP)  # a busy log: no summary after every entry
+                continue
             summary = job_summary(job)
             if job.state in ("failed", "cancelled"):
                 raise PdpError(f"job {job_id} {'failed' if job.state == 'failed' else 'was'}: {job.error}")
             if job.state == "done":
                 await stream.send({"t": "done", **summary})
                 return
-            if summary != last or time.monotonic() - sent > KEEPALIVE:
+            since = time.monotonic() - sent
+            if (summary != last and since >= PROGRESS_GAP) or since > KEEPALIVE:
                 await stream.send({"t": "progress", **summary})
                 last, sent = summary, time.monotonic()
             await self.node.changes.wait(1.0)

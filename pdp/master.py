@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdp.master")
 
 POLL = 2.0  # longest a worker's task request waits for work
+REAP_GAP = 0.02  # the reaper and assembly sweep every task: not after every single log entry
 
 
 class NotMaster(PdpError):
@@ -96,6 +97,7 @@ class Master:
                 log.info("%s is no longer master (term %d)", self.node.name, self.term)
                 self.term = 0
             await self.node.changes.wait(0.2)
+            await asyncio.sleep(REAP_GAP)  # at most ~50 sweeps a second, however busy the log is
 
     async def _claim(self, term: int) -> None:
         cmd = {"op": "master", "term": term, "name": self.node.name, "data_addr": self.node.config.advertise_addr}

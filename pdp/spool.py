@@ -34,6 +34,7 @@ def check_id(job_id: str) -> str:
 class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._made: set[str] = set()  # job dirs known to exist (a mkdir per file name is costly)
         (root / "inputs").mkdir(parents=True, exist_ok=True)
         (root / "jobs").mkdir(parents=True, exist_ok=True)
 
@@ -42,7 +43,9 @@ class Spool:
 
     def job_dir(self, job_id: str) -> Path:
         path = self.root / "jobs" / check_id(job_id)
-        path.mkdir(exist_ok=True)
+        if job_id not in self._made or not path.is_dir():  # the janitor may have removed it
+            path.mkdir(exist_ok=True)
+            self._made.add(job_id)
         return path
 
     def file(self, job_id: str, name: str) -> Path:
