@@ -362,7 +362,8 @@ class Master:
         now = time.monotonic()
         with c.reading() as state:
             members = {m.name: m.data_addr for m in state.members.values()}
-            running = [{"job": j.id, "phase": t.phase, "index": t.index, "attempt": attempt, "node": node}
+            running: list[dict[str, Any]] = [
+                {"job": j.id, "phase": t.phase, "index": t.index, "attempt": attempt, "node": node}
                        for j in state.active_jobs() for t in j.maps + j.reduces if t.state == "running"
                        for attempt, node in t.runs.items()]
             holding = {t.node for j in state.active_jobs() for t in j.maps + j.reduces if t.node}

@@ -97,12 +97,13 @@ class Connection:
         self.reader_task = asyncio.create_task(self._read_loop(pending))
 
     async def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
-        if self.closed:
+        if self.closed or self.writer.is_closing():
+            self.close()
             raise ConnectionLost(f"{self.peer}: connection closed")
         try:
             self.writer.writelines(wire.encode_frame(header, payload, self.sealer))
             await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
+        except (ConnectionError, OSError, RuntimeError) as exc:  # uvloop: RuntimeError on a closed transport
             self.close()
             raise ConnectionLost(f"{self.peer}: {exc or 'connection lost'}") from None
 

@@ -168,7 +168,9 @@ class Worker:
                 entry["file"] = progress
             stats = await node.run_in_pool(run_maps, tasks[0]["kind"], [s[0] for s in specs], progress)
         except Exception as exc:  # noqa: BLE001 - each task then meets its own error on its own
-            log.debug("bundle of %d maps of %s: %s; running them one by one", len(tasks), tasks[0]["job"], exc)
+            log.log(logging.WARNING if isinstance(exc, BrokenProcessPool) else logging.INFO,
+                    "bundle of %d maps of %s: %s; running them one by one", len(tasks), tasks[0]["job"],
+                    exc or type(exc).__name__)
             for entry in entries:
                 entry["file"] = ""
             if isinstance(exc, BrokenProcessPool):
@@ -186,21 +188,26 @@ class Worker:
                 for t, st, spec in zip(tasks, stats, specs)]
 
     async def _map_spec(self, task: dict[str, Any], fetched: list[Path]
-                        ) -> tuple[tuple[str, int, int, int, list[str]], int]:
-        """(run_maps argument, its line-aligned size) for a map: its input here, or fetched."""
-        node, job = self.node, task["job"]
+                        ) -> tuple[tuple[str, int, int, int, str], int]:
+        """(run_maps argument, its line-aligned size) for a map."""
+        path, a, b, _ = await self._locate(task, fetched)
+        out = str(self.node.spool.file(task["job"], f"map-{task['index']}"))
+        return (path, a, b, task["n_reduce"], out), b - a
+
+    async def _locate(self, task: dict[str, Any], fetched: list[Path]) -> tuple[str, int, int, int]:
+        """(file, start, end, base) of a map's line-aligned bytes here: in its input if this
+        member holds it, else in a chunk fetched from a holder (added to ``fetched``; ``base``
+        is the chunk's offset in the input)."""
+        node = self.node
         local = node.spool.input(task["file"])
         if local.exists():
             with open(local, "rb") as f:
                 a, b = aligned_bounds(f, task["start"], task["end"], local.stat().st_size)
-            path = local
-        else:
-            path = node.spool.file(job, f"chunk-{task['index']}")
-            fetched.append(path)
-            base, end = await self._fetch_range(task, path)
-            a, b = 0, end - base
-        out = str(node.spool.file(job, f"map-{task['index']}"))
-        return (str(path), a, b, task["n_reduce"], out), b - a
+            return str(local), a, b, 0
+        path = node.spool.file(task["job"], f"chunk-{task['index']}")
+        fetched.append(path)
+        base, end = await self._fetch_range(task, path)
+        return str(path), 0, end - base, base
 
     async def _ask(self) -> list[dict[str, Any]]:
         master = self.node.master_addr()
@@ -324,30 +331,23 @@ class Worker:
 
     async def _map(self, task: dict[str, Any], progress: str) -> dict[str, Any]:
         node, job = self.node, task["job"]
-        local = node.spool.input(task["file"])
-        if local.exists():
-            with open(local, "rb") as f:
-                a, b = aligned_bounds(f, task["start"], task["end"], local.stat().st_size)
-            path, base = local, 0
-        else:
-            path = node.spool.file(job, f"chunk-{task['index']}")
-            base, end = await self._fetch_range(task, path)
-            a, b = 0, end - base
+        fetched: list[Path] = []
         out = str(node.spool.file(job, f"map-{task['index']}"))
         kind = job_kind(task["kind"])
         whole = task.get("copy_to") is not None
         try:
+            path, a, b, base = await self._locate(task, fetched)
             if whole:
-                stats = await node.run_in_pool(run_whole, task["kind"], str(path), a, b, out,
+                stats = await node.run_in_pool(run_whole, task["kind"], path, a, b, out,
                                                str(node.spool.file(job, "result")), progress)
             else:
-                stats = await node.run_in_pool(kind.map_range, str(path), a, b, task["n_reduce"], out, progress)
+                stats = await node.run_in_pool(kind.map_range, path, a, b, task["n_reduce"], out, progress)
         except kind.InvalidUtf8 as exc:
             raise InputError(f"input {task['name']} is not valid UTF-8: invalid byte at offset {base + exc.offset}; "
                              "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) and submit again") from None
         finally:
-            if path != local:
-                path.unlink(missing_ok=True)
+            for chunk in fetched:
+                chunk.unlink(missing_ok=True)
         stats = {**stats, "input_bytes": b - a}
         if whole:
             stats["result"] = await self._store_whole(task, stats.pop("result_bytes"), stats.pop("result_keys"))

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from pdp.client import Client, run_job
 from pdp.errors import PdpError
