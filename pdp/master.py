@@ -143,6 +143,10 @@ class Master:
                 if not picked:
                     return []
                 specs = [_assignment(state.members, job, task) for job, task in picked]
+            now = time.monotonic()
+            for spec in specs:  # a whole small job's result copy goes to a live member first
+                if "copy_to" in spec:
+                    spec["copy_to"].sort(key=lambda m: self.health(m[0], now)[0] != "alive")
             keys = {(job.id, task.phase, task.index) for job, task in picked}
             self.reserved |= keys
             try:
@@ -485,14 +489,15 @@ class Master:
         return dest
 
     async def _replicate(self, job_id: str, path: Path, prefer: str) -> list[str]:
-        """Store a second copy of the result on another member (the job's gateway first)."""
+        """Store a second copy of the result on another member (a live one; the job's gateway first)."""
         c = self.node.consensus
         assert c is not None
+        now = time.monotonic()
         with c.reading() as state:
             others = sorted((m for m in state.members.values() if m.name != self.node.name),
-                            key=lambda m: (m.name != prefer, m.name))
+                            key=lambda m: (self.health(m.name, now)[0] != "alive", m.name != prefer, m.name))
         for member in others:
-            if self.health(member.name, time.monotonic())[0] not in ("alive", "suspected"):
+            if self.health(member.name, now)[0] not in ("alive", "suspected"):
                 continue
             try:
                 await self.node.push_file(member.data_addr, {"t": "store_file", "job": job_id, "name": "result"}, path)
