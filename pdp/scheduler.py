@@ -32,7 +32,7 @@ TaskKey = tuple[str, str, int]  # (job id, phase, index)
 AttemptKey = tuple[str, str, int, int]  # (job id, phase, index, attempt)
 
 QUARANTINE_STREAK = 3  # failures/losses in a row that bench a member for a while
-QUARANTINE_BASE = 30.0  # seconds, doubled for every further failure, at most QUARANTINE_MAX
+QUARANTINE_BASE = 5.0  # seconds, doubled for every further failure, at most QUARANTINE_MAX
 QUARANTINE_MAX = 600.0
 BUNDLE_BYTES = 4 << 20  # small map tasks are handed out together up to about this many bytes
 BUNDLE_MAX = 64

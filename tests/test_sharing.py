@@ -288,19 +288,21 @@ def test_cancel_stops_the_job_and_frees_its_spool(make_party: Any, corpus: list[
 
 def test_a_pausing_node_hands_its_running_task_back(make_party: Any, corpus: list[Path], tmp_path: Path) -> None:
     """on_pause = "hand_back": when its hours end mid-task, the task runs elsewhere at once."""
-    party = make_party("crawl=4.0", node_settings={i: {"on_pause": "hand_back"} for i in range(3)})
+    party = make_party("crawl=3.0", node_settings={i: {"on_pause": "hand_back"} for i in range(3)})
     victim = (leader_index(party) + 1) % 3
     name = party.names[victim]
     other_day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][(datetime.datetime.now().weekday() + 3) % 7]
 
     async def scenario() -> None:
-        job = asyncio.create_task(wordcount(party, corpus[:2], tmp_path / "out", "handback", chunk_size=512 * KB,
+        job = asyncio.create_task(wordcount(party, corpus[:3], tmp_path / "out", "handback", chunk_size=256 * KB,
                                             reduces=1))
         for _ in range(200):
             members = {m["name"]: m for m in (await party.status(victim))["members"]}
             if members[name]["tasks"]:
                 break
             await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"{name} never ran a task")
         party.write_config(victim, {**party.settings, "cpus": 1, "on_pause": "hand_back",
                                     "hours": [f"{other_day} 03:00-04:00"]})
         party.signal(victim, signal.SIGHUP)
