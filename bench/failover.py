@@ -11,6 +11,8 @@ median and worst added time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import asyncio
 import statistics
 import sys
@@ -61,9 +63,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=30)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (node logs) and print its path")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pdp-failover-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as cleanup:
+        root = Path(tempfile.mkdtemp(prefix="pdp-failover-"))
+        if args.keep:
+            print(f"logs in {root}")
+        else:
+            cleanup.callback(shutil.rmtree, root, ignore_errors=True)
         inp = root / "input.txt"
         size = build_input(inp, args.mb)
         expected = oracle([str(inp)])

@@ -253,7 +253,7 @@ def jobs(
     if job_id is not None:
         _show_job(_run(_job(_node_addr(node), _key(key_file), job_id)), as_json)
         return
-    listing = _run(_call(_node_addr(node), _key(key_file), "jobs"))["jobs"]
+    listing = _run(_jobs(_node_addr(node), _key(key_file)))
     if as_json:
         print(json.dumps(listing, indent=2))
         return
@@ -393,6 +393,11 @@ def demo(
     from pdp.demo import run_demo
 
     _run(run_demo(nodes, keep))
+
+
+async def _jobs(addr: str, key: bytes) -> list[dict[str, Any]]:
+    async with Client(addr, key) as client:
+        return await client.jobs()
 
 
 async def _job(addr: str, key: bytes, job_id: str) -> dict[str, Any]:

@@ -126,6 +126,11 @@ class Client:
         finally:
             stream.close()
 
+    async def jobs(self) -> list[dict[str, Any]]:
+        """Every job the party knows, oldest first."""
+        frame = await self._conn().request({"t": "jobs"}, timeout=15.0)
+        return list(msgpack.unpackb(frame.payload))
+
     async def job(self, job_id: str) -> dict[str, Any]:
         """One job with its tasks (where each ran, attempts, statistics)."""
         frame = await self._conn().request({"t": "job", "id": job_id}, timeout=15.0)

@@ -13,9 +13,9 @@ import asyncio
 import logging
 import time
 import zlib
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-from typing import TYPE_CHECKING, Any
 
 from pdp.consensus import ConsensusError
 from pdp.errors import InputError, PdpError, ProtocolError, RemoteError
@@ -390,7 +390,7 @@ class Gateway:
         assert self.node.consensus is not None
         with self.node.consensus.reading() as state:
             jobs = [job_summary(j) for j in sorted(state.jobs.values(), key=lambda j: j.seq)]
-        await stream.send({"t": "jobs", "jobs": jobs})
+        await stream.send({"t": "jobs", "count": len(jobs)}, msgpack.packb(jobs))  # may be many: a payload
 
 
 async def _forward(mirror: tuple[str, Stream], header: dict[str, Any], payload: bytes) -> bool:

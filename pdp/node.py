@@ -20,12 +20,12 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import time
-import shutil
-from dataclasses import replace as dataclasses_replace
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any
 

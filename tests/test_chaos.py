@@ -40,7 +40,7 @@ async def jobs_view(party: LocalParty) -> list[dict[str, Any]]:
 
 
 async def _jobs(c: Client) -> list[dict[str, Any]]:
-    return (await c.call("jobs"))["jobs"]
+    return await c.jobs()
 
 
 async def job(party: LocalParty, job_id: str) -> dict[str, Any]:

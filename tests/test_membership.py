@@ -104,7 +104,7 @@ def test_core_members_cannot_be_uninvited(party: LocalParty) -> None:
 def _job(party: LocalParty, job_id: str) -> dict[str, Any]:
     async def go() -> list[dict[str, Any]]:
         async with Client(party.addr(0), party.key) as c:
-            return (await c.call("jobs"))["jobs"]
+            return await c.jobs()
 
     for _ in range(50):  # a member's copy of the log may lag a moment
         found = [j for j in asyncio.run(go()) if j["id"] == job_id]
