@@ -28,7 +28,7 @@ from pdp.errors import PdpError
 from pdp.fsutil import sha256_file
 from pdp.jobs import job_kind
 from pdp.scheduler import AttemptKey, TaskKey, jobs_to_assemble, pick_backup, pick_tasks
-from pdp.state import ACTIVE, Job, State, Task
+from pdp.state import ACTIVE, Job, Task
 from pdp.transport import Handler, Stream, raft_addr_of, split_addr
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class Master:
             with c.reading() as state:
                 picked = pick_tasks(state, worker, self.reserved, time.time(), limit)
                 if not picked and self.node.config.backup_tasks:
-                    straggler = pick_backup(state, worker, time.time(), self._running_info(state))
+                    straggler = pick_backup(state, worker, time.time(), self._running_info())
                     picked, backup = ([straggler], True) if straggler else ([], False)
                 if not picked:
                     return []
@@ -170,7 +170,7 @@ class Master:
                          " as a backup of a straggler" if backup else "")
                 return assigned
 
-    def _running_info(self, state: State) -> dict[AttemptKey, tuple[float, int]]:
+    def _running_info(self) -> dict[AttemptKey, tuple[float, int]]:
         """(seconds running, progress) of every running attempt this master has seen."""
         now, info = time.monotonic(), {}
         for key, started in self.started.items():
