@@ -35,7 +35,7 @@ QUARANTINE_STREAK = 3  # failures/losses in a row that bench a member for a whil
 QUARANTINE_BASE = 5.0  # seconds, doubled for every further failure, at most QUARANTINE_MAX
 QUARANTINE_MAX = 600.0
 BUNDLE_BYTES = 4 << 20  # small map tasks are handed out together up to about this many bytes
-BUNDLE_MAX = 64
+BUNDLE_MAX = 128
 GOOD_SCORE = 0.5
 
 
