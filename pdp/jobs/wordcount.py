@@ -156,6 +156,18 @@ def partition_of(word: bytes, n: int) -> int:
     return zlib.crc32(word) % n
 
 
+_PARTITIONS: dict[int, dict[bytes, int]] = {}  # n_reduce -> word -> partition, per task process
+_PARTITIONS_MAX = 1 << 20
+
+
+def _partitions(n: int) -> dict[bytes, int]:
+    """This process's memo of partition_of for ``n`` partitions (words repeat across maps)."""
+    known = _PARTITIONS.setdefault(n, {})
+    if len(known) > _PARTITIONS_MAX:
+        known.clear()
+    return known
+
+
 def map_range(
     path: str, start: int, end: int, n_reduce: int, out_path: str, progress: str | None = None
 ) -> dict:
@@ -165,8 +177,12 @@ def map_range(
         raise ValueError(f"need n_reduce >= 1, got {n_reduce}")
     counts = count_file_range(path, start, end, progress=progress)
     parts: list[dict[bytes, int]] = [{} for _ in range(n_reduce)]
+    known = _partitions(n_reduce)
     for word, n in counts.items():
-        parts[partition_of(word, n_reduce)][word] = n
+        r = known.get(word)
+        if r is None:
+            r = known[word] = partition_of(word, n_reduce)
+        parts[r][word] = n
     mapoutput.write(out_path, [msgpack.packb(part, use_bin_type=True) for part in parts])
     return {"bytes": end - start, "words": sum(counts.values()), "keys": len(counts)}
 
