@@ -221,16 +221,16 @@ def status(
     for m in st["members"]:
         age = "never" if m["heartbeat_age"] is None else f"{m['heartbeat_age']:.1f} s ago"
         tasks = ", ".join(f"{t['job']} {t['phase']} {t['index']} ({_size(t.get('progress', 0))})"
-                          for t in m["tasks"]) or "-"
+                          for t in m["tasks"])
         if m.get("paused"):
-            tasks = f"[yellow]paused: {escape(m['paused'])}[/] " + tasks
+            tasks = f"[yellow]paused: {escape(m['paused'])}[/]" + (f"; finishing {tasks}" if tasks else "")
         health, rec = m["health"], m.get("record") or {}
         score = f"{m['score']:.2f}" + (f" ({_size(m['rate'])}/s)" if m.get("rate") else "")
         if m.get("benched_until", 0) > time.time():
             score += " benched"
         table.add_row(m["name"] + (" (leader)" if m["name"] == st["leader"] else ""),
                       f"[{colors.get(health, 'white')}]{health}[/]", m["data_addr"], str(m["cpus"]), score,
-                      f"{rec.get('done', 0)}/{rec.get('failed', 0)}/{rec.get('lost', 0)}", age, tasks)
+                      f"{rec.get('done', 0)}/{rec.get('failed', 0)}/{rec.get('lost', 0)}", age, tasks or "-")
     con.print(table)
 
 
