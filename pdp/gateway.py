@@ -66,11 +66,14 @@ class Gateway:
         if self._job(job_id) is not None:  # a retried submit: the job already exists
             await stream.send({"t": "accepted", "id": job_id, "dup": True, "members": self._member_addrs()})
             return
+        full = self.node.spool_full(sum(int(i["size"]) for i in inputs))
+        if full:
+            raise InputError(f"{full}; submit through another member (--node) or ask its owner to raise disk")
         await stream.send({"t": "go"})
         stored: list[dict[str, Any]] = []
         for k, inp in enumerate(inputs):
             file_id = f"{job_id}-{k}"
-            mirror = await self._open_mirror(file_id)
+            mirror = await self._open_mirror(file_id, int(inp["size"]))
             size, mirrored = await self._receive_input(stream, file_id, int(inp["size"]), mirror)
             copies = [mirror[0]] if mirror and mirrored else await self._second_copy(file_id, exclude=mirror)
             stored.append({"name": str(inp["name"])[:4096], "size": size, "file_id": file_id,
@@ -110,13 +113,13 @@ class Gateway:
             others = [(m.name, m.data_addr) for m in state.members.values() if m.name != self.node.name]
         return sorted(others, key=lambda m: zlib.crc32(f"{file_id}/{m[0]}".encode()))
 
-    async def _open_mirror(self, file_id: str) -> tuple[str, Stream] | None:
+    async def _open_mirror(self, file_id: str, size: int) -> tuple[str, Stream] | None:
         """A store stream to a second member, fed while the input arrives (no second pass)."""
         for name, addr in self._replica_order(file_id):
             try:
                 conn = await self.node.peers.get(addr, timeout=3.0)
                 mirror = conn.open_stream()
-                await mirror.send({"t": "store_input", "file": file_id})
+                await mirror.send({"t": "store_input", "file": file_id, "size": size})
                 return name, mirror
             except (PdpError, OSError) as exc:
                 log.warning("cannot mirror input %s to %s: %s", file_id, name, exc)
@@ -129,7 +132,8 @@ class Gateway:
         candidates = [m for m in self._replica_order(file_id) if exclude is None or m[0] != exclude[0]]
         for name, addr in candidates:
             try:
-                await self.node.push_file(addr, {"t": "store_input", "file": file_id}, self.node.spool.input(file_id))
+                path = self.node.spool.input(file_id)
+                await self.node.push_file(addr, {"t": "store_input", "file": file_id, "size": path.stat().st_size}, path)
                 return [name]
             except (PdpError, OSError) as exc:
                 log.warning("cannot store a second copy of %s on %s: %s", file_id, name, exc)
@@ -322,7 +326,9 @@ class Gateway:
             others = {m.name: m.data_addr for m in state.members.values() if m.name != node.name}
         for job_id, k, file_id, holders in work:
             for name in [n for n in sorted(others) if n not in holders][: max(0, 2 - len(holders))]:
-                await node.push_file(others[name], {"t": "store_input", "file": file_id}, node.spool.input(file_id))
+                path = node.spool.input(file_id)
+                await node.push_file(others[name], {"t": "store_input", "file": file_id, "size": path.stat().st_size},
+                                     path)
                 await self._commit({"op": "add_holder", "job": job_id, "input": k, "node": name}, patience=10.0)
                 log.info("handed input %s of job %s over to %s", k, job_id, name)
 

@@ -263,11 +263,12 @@ class Sampler:
             return None
         return not battery.power_plugged
 
-    def spool_bytes(self, path: str | os.PathLike[str]) -> int:
-        """Total size of the files under ``path``, recounted at most every ``spool_every`` s."""
+    def spool_bytes(self, path: str | os.PathLike[str], fresh: bool = False) -> int:
+        """Total size of the files under ``path``, recounted at most every ``spool_every`` s
+        (every time with ``fresh``)."""
         key, now = os.fspath(path), self._clock()
         cached = self._spool.get(key)
-        if cached is not None and now - cached[0] < self.spool_every:
+        if cached is not None and now - cached[0] < self.spool_every and not fresh:
             return cached[1]
         size = _tree_size(key)
         self._spool[key] = (now, size)

@@ -34,7 +34,7 @@ from pdp.config import NodeConfig, changed_settings, load_key
 from pdp.consensus import Consensus, ConsensusError
 from pdp.errors import AuthError, PdpError
 from pdp.fsutil import atomic_write
-from pdp.limits import run_limited
+from pdp.limits import format_size, run_limited
 from pdp.state import ACTIVE
 from pdp.split import aligned_bounds
 from pdp.spool import Spool
@@ -466,8 +466,22 @@ class Node:
         size = await recv_file(stream, self.spool.file(str(hdr["job"]), str(hdr["name"])))
         await stream.send({"t": "stored", "size": size})
 
+    def spool_full(self, adding: int) -> str:
+        """Why the spool cannot take ``adding`` more bytes under the owner's ``disk`` limit ("" if it can)."""
+        limit = self.config.disk
+        if not limit:
+            return ""
+        used = self.worker.sampler.spool_bytes(self.spool.root, fresh=True)  # inputs arrive fast: count now
+        if used + adding <= limit:
+            return ""
+        return (f"{self.name}'s spool is full for this: it uses {format_size(used)} of disk = {format_size(limit)} "
+                f"and {format_size(adding)} more were asked")
+
     async def _store_input(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """Keep the second copy of a job input, streamed by the gateway while it receives it."""
+        full = self.spool_full(int(hdr.get("size", 0)))
+        if full:
+            raise PdpError(full)
         size = await recv_file(stream, self.spool.input(str(hdr["file"])), timeout=60.0)
         await stream.send({"t": "stored", "size": size})
 

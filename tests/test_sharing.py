@@ -312,3 +312,24 @@ def test_a_pausing_node_hands_its_running_task_back(make_party: Any, corpus: lis
     job = run(detail(party, "handback"))
     assert any(why.startswith(f"handed back on {name}") for why in job["reruns"]), job["reruns"]
     assert all(t["node"] != name for t in job["tasks"]), job["tasks"]  # its task ran elsewhere; no more came
+
+
+def test_a_full_spool_refuses_new_inputs_with_a_clear_error_and_mirrors_go_elsewhere(
+        make_party: Any, corpus: list[Path], tmp_path: Path) -> None:
+    party = make_party("sleep=0.05", node_settings={0: {"disk": "1M"}})
+    big = corpus[:3]  # over a MiB together
+
+    async def through(i: int, job_id: str) -> str:
+        try:
+            await wordcount(party, big, tmp_path / job_id, job_id, i=i, chunk_size=256 * KB)
+        except PdpError as exc:
+            return str(exc)
+        return ""
+
+    error = run(through(0, "refused"))
+    assert "node1's spool is full for this" in error and "disk = 1 MiB" in error and "--node" in error, error
+    for k in range(3):  # gateways mirror to node1 only while its spool has room, then elsewhere
+        assert run(through(1 + k % 2, f"elsewhere{k}")) == ""
+    held = sum(p.stat().st_size for p in (party.root / "node1" / "spool" / "inputs").glob("elsewhere*"))
+    assert held <= 1 << 20
+    assert party.alive(0)
