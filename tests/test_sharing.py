@@ -166,8 +166,8 @@ def test_a_paused_members_task_gets_a_backup_and_the_job_time_stays_bounded(
     victim = (leader_index(party) + 1) % 3
 
     async def scenario() -> float:
-        job = asyncio.create_task(wordcount(party, corpus[:3], tmp_path / "out", "strag", chunk_size=256 * KB,
-                                            reduces=2))
+        job = asyncio.create_task(wordcount(party, corpus[:3], tmp_path / "out", "strag", i=(victim + 1) % 3,
+                                            chunk_size=256 * KB, reduces=2))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # pause the victim while it runs a map
             status = await party.status(victim)
