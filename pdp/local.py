@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,20 +23,31 @@ from pdp.errors import PdpError
 
 
 def free_port_pair() -> int:
-    """A port P such that P and P+1 are both free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65534:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
+    """A port P such that P and P+1 are both free on 127.0.0.1 right now.
+
+    Taken below the kernel's ephemeral range: a port from that range can meanwhile become
+    the source port of some outgoing connection (a Raft link between the other nodes, say)
+    and the node that was to listen on it could never bind it."""
+    low, high = _ephemeral_range()
+    candidates = range(10000, low - 1) if low > 12000 else range(high + 1, 65534)
+    for _ in range(500):
+        port = random.choice(candidates)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
     raise PdpError("no free pair of TCP ports on 127.0.0.1")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535  # the IANA range (macOS and others)
 
 
 class LocalParty:

@@ -204,14 +204,12 @@ def test_a_node_with_one_cpu_never_runs_two_tasks_at_once(make_party: Any, corpu
 
 def test_a_task_over_its_memory_limit_fails_cleanly_and_runs_elsewhere(make_party: Any, corpus: list[Path],
                                                                         tmp_path: Path) -> None:
-    party = make_party("alloc=150", node_settings={0: {"memory": "100M"}})
-    job = run(wordcount(party, corpus[:3], tmp_path / "out", "mem", chunk_size=512 * KB, reduces=2))
+    party = make_party("alloc=150,sleep=0.2", node_settings={0: {"memory": "100M"}})
+    job = run(wordcount(party, corpus[:3], tmp_path / "out", "mem", chunk_size=128 * KB, reduces=2))
     assert all(t["node"] != "node1" for t in job["tasks"] if t["phase"] == "map")
-    assert any("node1" in t["failed_on"] for t in job["tasks"]) or job["reruns"] == {}  # it may never have tried
+    assert any("node1" in t["failed_on"] for t in job["tasks"])  # it tried (9 maps, 3 slots) and failed
     assert party.alive(0)
-    log = (party.root / "node1.log").read_text()
-    if "failed here" in log:
-        assert "memory limit (memory = 100 MiB" in log
+    assert "the task needed more than this node's memory limit (memory = 100 MiB" in (party.root / "node1.log").read_text()
 
 
 def test_a_node_outside_its_hours_takes_no_task_and_says_why(make_party: Any, corpus: list[Path],
