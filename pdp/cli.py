@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -251,9 +251,9 @@ def jobs(
 ) -> None:
     """The party's jobs, oldest first (or one job's tasks)."""
     if job_id is not None:
-        _show_job(_run(_job(_node_addr(node), _key(key_file), job_id)), as_json)
+        _show_job(_run(_with_client(_node_addr(node), _key(key_file), lambda c: c.job(job_id))), as_json)
         return
-    listing = _run(_jobs(_node_addr(node), _key(key_file)))
+    listing = _run(_with_client(_node_addr(node), _key(key_file), lambda c: c.jobs()))
     if as_json:
         print(json.dumps(listing, indent=2))
         return
@@ -395,19 +395,13 @@ def demo(
     _run(run_demo(nodes, keep))
 
 
-async def _jobs(addr: str, key: bytes) -> list[dict[str, Any]]:
+async def _with_client(addr: str, key: bytes, op: Callable[[Client], Awaitable[T]]) -> T:
     async with Client(addr, key) as client:
-        return await client.jobs()
-
-
-async def _job(addr: str, key: bytes, job_id: str) -> dict[str, Any]:
-    async with Client(addr, key) as client:
-        return await client.job(job_id)
+        return await op(client)
 
 
 async def _call(addr: str, key: bytes, kind: str, **fields: Any) -> dict[str, Any]:
-    async with Client(addr, key) as client:
-        return await client.call(kind, timeout=60.0, **fields)
+    return await _with_client(addr, key, lambda c: c.call(kind, timeout=60.0, **fields))
 
 
 _TEMPLATE = """\
