@@ -27,7 +27,7 @@ from pdp.consensus import ConsensusError
 from pdp.errors import PdpError
 from pdp.fsutil import sha256_file
 from pdp.jobs import job_kind
-from pdp.scheduler import AttemptKey, TaskKey, jobs_to_assemble, pick_backup, pick_tasks
+from pdp.scheduler import BUNDLE_MAX, AttemptKey, TaskKey, jobs_to_assemble, pick_backup, pick_tasks
 from pdp.state import ACTIVE, Job, Task
 from pdp.transport import Handler, Stream, raft_addr_of, split_addr
 
@@ -119,7 +119,7 @@ class Master:
         deadline = time.monotonic() + min(float(hdr.get("wait", POLL)), POLL)
         while True:
             term = self._require()
-            assigned = await self._assign_next(worker, term, int(hdr.get("max", 64)))
+            assigned = await self._assign_next(worker, term, int(hdr.get("max", BUNDLE_MAX)))
             if assigned:
                 await stream.send({"t": "tasks", "tasks": assigned})
                 return
