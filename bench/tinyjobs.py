@@ -5,7 +5,7 @@
 Starts a local party of real `pdp node` processes, warms it up with 10 jobs (not counted),
 then times a solo baseline (the median of 20 jobs run one after another, one in flight) and
 the burst: JOBS jobs of ~KB kilobytes each (every one a different text), split between
-SUBMITTERS submitters (user1, user2, ... passed as the job's submitter), each an asyncio task
+SUBMITTERS submitters (users user1, user2, ..., each with its own credential), each an asyncio task
 talking to its own member and running its share back-to-back with ``run_job``. A job's
 latency is the time from calling ``run_job`` to its output file being written and checked
 against the party's SHA-256. Prints jobs/s and p50/p90/p99 latency per submitter and overall,
@@ -99,8 +99,8 @@ async def one(party: LocalParty, member: int, run: Run, job_id: str, form: dict[
 
     run.t0 = time.time()
     t0 = time.perf_counter()
-    run.summary, _ = await run_job(addrs, party.key, "wordcount", [run.inp], job_id, run.out, progress,
-                                   submitter=run.submitter, **form)
+    cred = party.cred(run.submitter) if run.submitter in party.users else party.key  # each submitter: a user
+    run.summary, _ = await run_job(addrs, cred, "wordcount", [run.inp], job_id, run.out, progress, **form)
     run.latency = time.perf_counter() - t0
     run.t_end = time.time()
 
@@ -173,7 +173,7 @@ def main() -> None:
             shares[r.submitter].append(r)
         print(f"{args.nodes} nodes x {args.cpus} slot(s); {args.jobs} jobs of ~{args.kb:g} KiB from "
               f"{args.submitters} submitters, each through its own member; {args.warm} warm-up jobs")
-        with LocalParty(root / "party", n=args.nodes, cpus=args.cpus) as party:
+        with LocalParty(root / "party", n=args.nodes, cpus=args.cpus, users=tuple(names)) as party:
             asyncio.run(party.wait_ready(60))
             asyncio.run(sequential(party, warm, "warm", form))
             asyncio.run(sequential(party, solo, "solo", form))

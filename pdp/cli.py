@@ -17,9 +17,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from pdp.client import Client, new_job_id, run_job
-from pdp.config import default_key_file, load_config, load_key, write_key
+from pdp.config import default_config_file, default_data_dir, load_config
+from pdp.identity import Credential, display_id, load_credential
 from pdp.errors import PdpError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -30,7 +32,7 @@ err = Console(stderr=True)
 T = TypeVar("T")
 
 NODE_HELP = "HOST:PORT of any member (default: $PDP_NODE, else 127.0.0.1:7700)"
-KEY_HELP = "the party secret (default: $PDP_KEY_FILE, else the per-user config dir)"
+KEY_HELP = "your credential file (default: $PDP_KEY_FILE, else user.cred in the per-user config dir)"
 NodeOpt = Annotated[Optional[str], typer.Option(help=NODE_HELP)]
 KeyOpt = Annotated[Optional[Path], typer.Option(envvar="PDP_KEY_FILE", help=KEY_HELP)]
 
@@ -54,9 +56,9 @@ def _node_addr(node: Optional[str]) -> str:
     return node or os.environ.get("PDP_NODE") or "127.0.0.1:7700"
 
 
-def _key(key_file: Optional[Path]) -> bytes:
+def _key(key_file: Optional[Path]) -> Credential:
     try:
-        return load_key(key_file or default_key_file())
+        return load_credential(key_file)
     except PdpError as exc:
         _error(str(exc))
         raise typer.Exit(1) from None
@@ -64,26 +66,27 @@ def _key(key_file: Optional[Path]) -> bytes:
 
 @app.command()
 def node(
-    name: Optional[str] = typer.Option(None, help="node id (default: host name)"),
-    listen: Optional[str] = typer.Option(None, help="data-plane bind address HOST:PORT (default 0.0.0.0:7700)"),
+    name: Optional[str] = typer.Option(None, help="node name (default: host name)"),
+    listen: Optional[str] = typer.Option(None, help="bind address HOST:PORT for everything (default 0.0.0.0:7700)"),
     advertise: Optional[str] = typer.Option(None, help="the HOST:PORT others dial (default: the listen address)"),
-    raft_port: Optional[int] = typer.Option(None, help="Raft port (default: data port + 1)"),
-    peer: list[str] = typer.Option([], help="data-plane HOST:PORT of another core member (repeatable)"),
-    data_dir: Optional[Path] = typer.Option(None, help="Raft journal and dump, spool (default: per-user data dir)"),
-    key_file: KeyOpt = None,
-    config: Optional[Path] = typer.Option(None, help="TOML settings file; flags override it"),
+    peer: list[str] = typer.Option([], help="HOST:PORT of a member to ask where the core is (repeatable)"),
+    data_dir: Optional[Path] = typer.Option(None, help="identity, Raft journal, spool (default: per-user data dir)"),
+    config: Optional[Path] = typer.Option(None, help="TOML settings file; flags override it "
+                                                     "(default: $PDP_CONFIG, else pdp.toml in the per-user config dir)"),
     cpus: Optional[int] = typer.Option(None, help="task slots this node gives (default: all cores)"),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="log debug detail"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="log warnings and errors only"),
 ) -> None:
-    """Run a party member (the same process on every machine)."""
+    """Run a party member (the same process on every machine); `pdp party init` or `pdp join` first."""
     from pdp.node import run_node
 
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logging.getLogger("pysyncobj").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    overrides = {"name": name, "listen": listen, "advertise": advertise, "raft_port": raft_port,
-                 "peers": tuple(peer), "data_dir": data_dir, "key_file": key_file, "cpus": cpus}
+    if config is None and default_config_file().exists():
+        config = default_config_file()
+    overrides = {"name": name, "listen": listen, "advertise": advertise, "peers": tuple(peer), "data_dir": data_dir,
+                 "cpus": cpus}
     try:
         code = run_node(load_config(config, overrides), lambda: load_config(config, overrides))
     except PdpError as exc:
@@ -94,21 +97,68 @@ def node(
 
 @party_app.command("init")
 def party_init(
-    dir: Optional[Path] = typer.Option(None, "--dir", help="where to write party.key and pdp.toml"),
-    force: bool = typer.Option(False, help="replace an existing party secret"),
+    dir: Optional[Path] = typer.Option(None, "--dir", help="put everything here (data dirs, configs, admin.cred): "
+                                                           "for local parties and scripts"),
+    name: Optional[str] = typer.Option(None, help="this node's name (default: host name)"),
+    listen: str = typer.Option("0.0.0.0:7700", help="this node's bind address"),
+    advertise: Optional[str] = typer.Option(None, help="the HOST:PORT other machines dial"),
+    admin: Optional[str] = typer.Option(None, help="the admin user's name (default: your login name)"),
+    nodes: list[str] = typer.Option([], "--node", help="NAME=HOST:PORT of a founding node on this machine "
+                                                       "(repeatable; with --dir: a local party of several nodes)"),
+    key_file: KeyOpt = None,
+    force: bool = typer.Option(False, help="replace an existing identity or party"),
 ) -> None:
-    """Write a new random party secret (mode 0600) and a config template."""
-    key_path = (dir / "party.key") if dir else default_key_file()
+    """Found a party: this machine's node (or several local ones) and an admin user for you."""
+    from pdp.setup import found_party
+
     try:
-        write_key(key_path, force=force)
+        lines = found_party(dir, name, listen, advertise, admin, nodes, key_file, force)
     except PdpError as exc:
         _error(str(exc))
         raise typer.Exit(1) from None
-    conf_path = key_path.parent / "pdp.toml"
-    if not conf_path.exists():
-        conf_path.write_text(_TEMPLATE.format(key=key_path.resolve()))
-    print(f"party secret: {key_path} (copy it, mode 0600, to every member)")
-    print(f"config:       {conf_path}")
+    print("\n".join(lines))
+
+
+@app.command("id")
+def show_id(
+    data_dir: Optional[Path] = typer.Option(None, help="the node's data dir (default: the per-user data dir)"),
+    key_file: KeyOpt = None,
+) -> None:
+    """This machine's ids: its node's and your user's (compare them with what others see)."""
+    from pdp.identity import node_identity_path, pem_fingerprint
+
+    path = node_identity_path(data_dir or default_data_dir())
+    shown = 0
+    if path.exists():
+        text = path.read_text()
+        print(f"node  {display_id(pem_fingerprint(text[text.index('-----BEGIN CERTIFICATE-----'):]))}  ({path})")
+        shown += 1
+    try:
+        cred = load_credential(key_file)
+        print(f"user  {cred.identity.display}  {cred.name} ({cred.path})")
+        shown += 1
+    except PdpError:
+        pass
+    if not shown:
+        _error("no identity on this machine yet: `pdp party init` founds a party, `pdp join TOKEN` joins one")
+        raise typer.Exit(1)
+
+
+@app.command()
+def join(
+    token: str = typer.Argument(..., help="the token `pdp invite` printed"),
+    data_dir: Optional[Path] = typer.Option(None, help="a node's data dir (default: the per-user data dir)"),
+    listen: str = typer.Option("0.0.0.0:7700", help="a node's bind address"),
+    advertise: Optional[str] = typer.Option(None, help="the HOST:PORT other members dial for this node"),
+    config: Optional[Path] = typer.Option(None, help="where to write the node's settings (default: pdp.toml in "
+                                                     "the per-user config dir)"),
+    key_file: KeyOpt = None,
+    force: bool = typer.Option(False, help="replace an existing credential"),
+) -> None:
+    """Join a party with a one-time token: make this machine's identity and register it."""
+    from pdp.setup import join_party
+
+    print("\n".join(_run(join_party(token, data_dir, listen, advertise, config, key_file, force))))
 
 
 @app.command()
@@ -143,7 +193,7 @@ def submit(
         print(f"{job_id}: {result['keys']} keys, {result['size']} bytes -> {out}")
 
 
-async def _submit(addr: str, key: bytes, kind: str, inputs: list[Path], job_id: str, out: Path,
+async def _submit(addr: str, key: Credential, kind: str, inputs: list[Path], job_id: str, out: Path,
                   form: dict[str, Any], detach: bool, as_json: bool) -> dict[str, Any]:
     if detach:
         async with Client(addr, key) as client:
@@ -207,31 +257,42 @@ def status(
         print(json.dumps(st, indent=2))
         return
     con = Console()
+    for part in _status_view(st):
+        con.print(part)
+
+
+def _status_view(st: dict[str, Any]) -> list[Text | Table]:
+    """``pdp status`` as renderables. Names, reasons and errors come from other members and
+    users: they go in as Text, never read as markup (``[/x]`` would raise) or emoji codes."""
     raft = st["raft"]
-    con.print(f"node [bold]{st['node']}[/bold]; leader [bold]{st['leader'] or 'none'}[/bold], term {st['term']}; "
-              f"jobs: {st['jobs']}", highlight=False)
-    con.print(f"raft: commit {raft['commit_idx']}, applied {raft['last_applied']}, truncations of applied entries "
-              f"{raft['truncations']}, diverged {raft['diverged']}", highlight=False)
+    parts: list[Text | Table] = [
+        Text.assemble("node ", (str(st["node"]), "bold"), "; leader ", (str(st["leader"] or "none"), "bold"),
+                      f", term {st['term']}; jobs: {st['jobs']}"),
+        Text(f"raft: commit {raft['commit_idx']}, applied {raft['last_applied']}, truncations of applied entries "
+             f"{raft['truncations']}, diverged {raft['diverged']}"),
+    ]
     if st["reruns"]:
-        con.print("tasks re-run: " + ", ".join(f"{n}× {why}" for why, n in sorted(st["reruns"].items())),
-                  highlight=False)
+        parts.append(Text("tasks re-run: " + ", ".join(f"{n}× {why}" for why, n in sorted(st["reruns"].items()))))
     table = Table("member", "health", "data address", "cpus", "score", "done/failed/lost", "last heartbeat",
                   "current tasks (progress)")
     colors = {"alive": "green", "suspected": "yellow", "dead": "red"}
     for m in st["members"]:
         age = "never" if m["heartbeat_age"] is None else f"{m['heartbeat_age']:.1f} s ago"
-        tasks = ", ".join(f"{t['job']} {t['phase']} {t['index']} ({_size(t.get('progress', 0))})"
-                          for t in m["tasks"])
+        tasks = Text(", ".join(f"{t['job']} {t['phase']} {t['index']} ({_size(t.get('progress', 0))})"
+                               for t in m["tasks"]))
         if m.get("paused"):
-            tasks = f"[yellow]paused: {escape(m['paused'])}[/]" + (f"; finishing {tasks}" if tasks else "")
-        health, rec = m["health"], m.get("record") or {}
+            tasks = Text.assemble((f"paused: {m['paused']}", "yellow"), f"; finishing {tasks}" if tasks else "")
+        health, rec = str(m["health"]), m.get("record") or {}
         score = f"{m['score']:.2f}" + (f" ({_size(m['rate'])}/s)" if m.get("rate") else "")
         if m.get("benched_until", 0) > time.time():
             score += " benched"
-        table.add_row(m["name"] + (" (leader)" if m["name"] == st["leader"] else ""),
-                      f"[{colors.get(health, 'white')}]{health}[/]", m["data_addr"], str(m["cpus"]), score,
-                      f"{rec.get('done', 0)}/{rec.get('failed', 0)}/{rec.get('lost', 0)}", age, tasks or "-")
-    con.print(table)
+        table.add_row(Text(str(m["name"]) + (" (leader)" if m["name"] == st["leader"] else "")),
+                      Text(health, style=colors.get(health, "white")), Text(str(m["data_addr"])),
+                      Text(str(m["cpus"])), Text(score),
+                      Text(f"{rec.get('done', 0)}/{rec.get('failed', 0)}/{rec.get('lost', 0)}"), Text(age),
+                      tasks or Text("-"))
+    parts.append(table)
+    return parts
 
 
 def _size(n: float) -> str:
@@ -257,12 +318,19 @@ def jobs(
     if as_json:
         print(json.dumps(listing, indent=2))
         return
+    Console().print(_jobs_table(listing))
+
+
+def _jobs_table(listing: list[dict[str, Any]]) -> Table:
+    """``pdp jobs`` as a table; every cell is Text (comments, submitters and errors are other
+    users' words: never markup)."""
     table = Table("job", "kind", "state", "maps", "reduces", "size", "submitter", "priority", "comment")
     for j in listing:
-        table.add_row(j["id"], j["kind"], j["state"] + (f": {j['error']}" if j["error"] else ""),
-                      f"{j['maps_done']}/{j['maps']}", f"{j['reduces_done']}/{j['reduces']}", str(j["form"]["size"]),
-                      j["form"]["submitter"], str(j.get("priority", 0)), j["form"]["comment"])
-    Console().print(table)
+        cells = [j["id"], j["kind"], j["state"] + (f": {j['error']}" if j["error"] else ""),
+                 f"{j['maps_done']}/{j['maps']}", f"{j['reduces_done']}/{j['reduces']}", j["form"]["size"],
+                 j["form"]["submitter"], j.get("priority", 0), j["form"]["comment"]]
+        table.add_row(*(Text(str(c)) for c in cells))
+    return table
 
 
 def _show_job(job: dict[str, Any], as_json: bool) -> None:
@@ -271,15 +339,22 @@ def _show_job(job: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(job, indent=2))
         return
     con = Console()
-    con.print(f"{job['id']}: {job['kind']}, {job['state']}{': ' + job['error'] if job['error'] else ''}; "
-              f"priority {job['priority']}, {job['backups']} backup attempt(s), re-runs {job['reruns'] or 'none'}",
-              highlight=False)
+    for part in _job_view(job):
+        con.print(part)
+
+
+def _job_view(job: dict[str, Any]) -> list[Text | Table]:
+    """``pdp jobs ID`` as renderables, other users' text as Text (never markup)."""
+    reruns = ", ".join(f"{n}× {why}" for why, n in sorted(job["reruns"].items())) or "none"
+    head = Text(f"{job['id']}: {job['kind']}, {job['state']}{': ' + job['error'] if job['error'] else ''}; "
+                f"priority {job['priority']}, {job['backups']} backup attempt(s), re-runs {reruns}")
     table = Table("task", "state", "on", "attempts", "bytes", "seconds")
     for t in job["tasks"]:
         where = t["node"] or ", ".join(n for _, n in t["runs"]) or "-"
-        table.add_row(f"{t['phase']} {t['index']}", t["state"], where, str(t["attempt"]),
-                      _size(t["stats"].get("input_bytes", t["bytes"])), str(t["stats"].get("seconds", "")))
-    con.print(table)
+        cells = [f"{t['phase']} {t['index']}", t["state"], where, t["attempt"],
+                 _size(t["stats"].get("input_bytes", t["bytes"])), t["stats"].get("seconds", "")]
+        table.add_row(*(Text(str(c)) for c in cells))
+    return [head, table]
 
 
 @app.command()
@@ -325,27 +400,86 @@ def result(
 
 @app.command()
 def invite(
-    name: str = typer.Argument(..., help="the new member's node name (its --name)"),
+    name: str = typer.Argument(..., help="the new member's (or user's) name"),
+    user: bool = typer.Option(False, "--user", help="a user that submits jobs but gives no cores"),
+    ttl: str = typer.Option("24h", help="how long the token works (e.g. 30m, 24h, 7d)"),
+    withdraw: bool = typer.Option(False, "--withdraw", help="cancel NAME's pending invitation instead"),
+    replace: bool = typer.Option(False, help="replace NAME's pending invitation"),
     node: NodeOpt = None,
     key_file: KeyOpt = None,
 ) -> None:
-    """Invite a member: only invited nodes may join the party."""
-    key_path = key_file or default_key_file()
-    res = _run(_call(_node_addr(node), _key(key_file), "invite", name=name))
-    print(f"{name} is invited. On the new machine:")
-    print(f"  1. copy the party secret {key_path} there (mode 0600)")
-    print(f"  2. pdp node --name {name} --peer {res['join']} --advertise THAT_HOST:7700 --key-file PATH")
+    """(admin) Print a one-time join token for NAME; `pdp join TOKEN` on the new machine uses it."""
+    if withdraw:
+        _run(_call(_node_addr(node), _key(key_file), "withdraw", name=name))
+        print(f"the invitation of {name} is withdrawn")
+        return
+    res = _run(_call(_node_addr(node), _key(key_file), "invite", name=name, user=user, ttl=_seconds(ttl),
+                     replace=replace))
+    expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(res["expires"]))
+    print(res["token"])
+    err.print(f"one-time token for {res['kind']} {name}, valid until {expires}. On the new machine run:\n"
+              f"  pdp join TOKEN" + ("" if user else " --advertise THAT_HOST:7700") +
+              ("" if user else "\nthen start it with `pdp node`"), highlight=False, markup=False)
+
+
+def _seconds(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        _error(f"--ttl {text!r}: use a number with s, m, h or d (e.g. 24h)")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def invites(
+    node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    key_file: KeyOpt = None,
+) -> None:
+    """(admin) Pending invitations and every identity of the party."""
+
+    async def fetch(c: Client) -> Any:
+        frame = await c._conn().request({"t": "invites"}, timeout=15.0)
+        import msgpack
+        return msgpack.unpackb(frame.payload)
+
+    listing = _run(_with_client(_node_addr(node), _key(key_file), fetch))
+    if as_json:
+        print(json.dumps(listing, indent=2))
+        return
+    table = Table("pending invitation", "kind", "expires", "by")
+    for p in listing["pending"]:
+        table.add_row(Text(p["name"]), p["kind"], time.strftime("%Y-%m-%d %H:%M", time.localtime(p["expires"])),
+                      Text(p["by"]))
+    ids = Table("name", "kind", "id")
+    for r in listing["identities"]:
+        ids.add_row(Text(r["name"]), r["kind"] + (" (admin)" if r["admin"] else ""), display_id(r["fp"]))
+    Console().print(table, ids)
 
 
 @app.command()
 def uninvite(
-    name: str = typer.Argument(..., help="the member's node name"),
+    name: str = typer.Argument(..., help="the member's or user's name"),
     node: NodeOpt = None,
     key_file: KeyOpt = None,
 ) -> None:
-    """Withdraw an invitation: the member is cut off at once and its tasks run elsewhere."""
+    """(admin) Revoke NAME: its ids stop working at once, its connections close, its tasks run elsewhere."""
     _run(_call(_node_addr(node), _key(key_file), "uninvite", name=name))
-    print(f"{name} is no longer invited; it has been disconnected")
+    print(f"{name} is revoked; its connections are closed")
+
+
+@app.command()
+def rekey(
+    data_dir: Optional[Path] = typer.Option(None, help="rekey the node with this data dir (restart it afterwards) "
+                                                       "instead of your user credential"),
+    node: NodeOpt = None,
+    key_file: KeyOpt = None,
+) -> None:
+    """Give your user (or a node of this machine) a new key; the old one stops working."""
+    from pdp.setup import rekey_identity
+
+    print(_run(rekey_identity(_node_addr(node), _key(key_file), data_dir)))
 
 
 core_app = typer.Typer(no_args_is_help=True, help="Change the Raft core (the voters), one member at a time.")
@@ -395,44 +529,15 @@ def demo(
     _run(run_demo(nodes, keep))
 
 
-async def _with_client(addr: str, key: bytes, op: Callable[[Client], Awaitable[T]]) -> T:
+async def _with_client(addr: str, key: Credential, op: Callable[[Client], Awaitable[T]]) -> T:
     async with Client(addr, key) as client:
         return await op(client)
 
 
-async def _call(addr: str, key: bytes, kind: str, **fields: Any) -> dict[str, Any]:
+async def _call(addr: str, key: Credential, kind: str, **fields: Any) -> dict[str, Any]:
     return await _with_client(addr, key, lambda c: c.call(kind, timeout=60.0, **fields))
 
 
-_TEMPLATE = """\
-# pdp node settings: `pdp node --config THIS_FILE`; flags override them.
-# Every key is documented in configs/node.example.toml of the pdp repository.
-[node]
-# name = "my-laptop"                # node id, unique in the party (default: host name)
-# listen = "0.0.0.0:7700"           # data-plane bind address; Raft binds PORT+1 on the same host
-# advertise = "192.168.1.20:7700"   # the address other members dial (needed with 0.0.0.0; NAT: the public one)
-# raft_port = 0                     # 0 = data port + 1 (peers assume + 1)
-# peers = ["192.168.1.21:7700", "192.168.1.22:7700"]  # the other core members
-# data_dir = "~/.local/share/pdp"   # Raft journal and dump, spool
-key_file = "{key}"
-# cpus = 2                          # task slots this node gives the party (default: all cores)
-# chunk_mb = 8.0                    # map chunk size for jobs submitted through this node
-# reduces = 0                       # reduce tasks per job; 0 = one per task slot, at most 16
-# heartbeat = 0.5                   # seconds between heartbeats to the master
-# dead_after = 2.5                  # a member silent this long is lost (same on every member)
-# stall_after = 30.0                # a task without progress this long runs again
-# max_failures = 10                 # a task failing this often fails its job
-# backup_tasks = true               # a straggler near a phase's end gets a backup copy on a faster member
-#
-# The owner's limits (change them and run `kill -HUP PID` or `pdp reload`: no restart needed)
-# memory = "2G"                     # per task; a task needing more fails here and runs elsewhere (0 = no limit)
-# disk = "20G"                      # most the spool may use; above it the node takes no work (0 = no limit)
-# nice = 10                         # niceness of task processes, 0-19
-# hours = ["mon-fri 18:00-08:00", "weekends"]  # when the node takes work (default: always)
-# max_load = 0.5                    # pause while the owner's own programs use more than this share of the CPUs
-# pause_on_battery = true           # pause while a laptop runs on battery
-# on_pause = "finish"               # or "hand_back": give running tasks back at once when pausing
-"""
 
 
 def main() -> None:

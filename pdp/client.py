@@ -1,6 +1,8 @@
 """The submitter's side: talk to any member to submit, wait for, fetch and list jobs.
 
-Used by the CLI, the demo and the tests. Inputs are files on the submitter's machine: their
+Used by the CLI, the demo and the tests. The user is who its credential proves
+(:class:`~pdp.identity.Credential`: a key, a certificate and the party's node ids to pin);
+every member it talks to must prove one of those ids. Inputs are files on the submitter's machine: their
 bytes are streamed to the member, so members need no shared file system. The output is
 written atomically (temp file, fsync, rename) and checked against the party's SHA-256.
 """
@@ -8,11 +10,9 @@ written atomically (temp file, fsync, rename) and checked against the party's SH
 from __future__ import annotations
 
 import asyncio
-import getpass
 import hashlib
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,14 +22,18 @@ import msgpack
 
 from pdp.errors import InputError, PdpError, ProtocolError, RemoteError
 from pdp.fsutil import atomic_writer
+from pdp.identity import Credential, sign
+from pdp.tls import PinMismatch
 from pdp.streams import BLOCK
 from pdp.transport import Connection, ConnectionLost, dial
 
 Progress = Callable[[dict[str, Any]], None]
+SIGNED_REQUESTS = frozenset({"invite", "withdraw", "uninvite"})
 
 
 def new_job_id(kind: str) -> str:
-    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    """A readable, unguessable job id: ``kind-YYYYmmdd-HHMMSS-`` and 128 random bits in hex."""
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(16)}"
 
 
 def check_inputs(paths: list[Path]) -> list[tuple[Path, int]]:
@@ -49,14 +53,45 @@ def check_inputs(paths: list[Path]) -> list[tuple[Path, int]]:
 
 
 class Client:
-    def __init__(self, node: str, key: bytes) -> None:
+    def __init__(self, node: str, cred: Credential) -> None:
         self.node = node
-        self.key = key
+        self.cred = cred
         self.conn: Connection | None = None
 
     async def __aenter__(self) -> Client:
-        self.conn = await dial(self.node, self.key, f"{getpass.getuser()}@{socket.gethostname()}", "client")
+        if not self.cred.pins:
+            raise PdpError("this credential trusts no party node yet (no pins); join with a token first")
+        try:
+            self.conn = await dial(self.node, self.cred.identity, self.cred.pins)
+        except PinMismatch:
+            if not await self._refresh():  # a member that joined after this credential learned the party?
+                raise
+            self.conn = await dial(self.node, self.cred.identity, self.cred.pins)
         return self
+
+    async def _refresh(self) -> bool:
+        """Ask a member this credential trusts for the party's current node ids."""
+        for fp, addr in sorted(self.cred.addrs.items()):
+            if addr == self.node:
+                continue
+            try:
+                conn = await dial(addr, self.cred.identity, fp)
+            except (PdpError, OSError):
+                continue
+            try:
+                frame = await conn.request({"t": "whoami"}, timeout=10.0)
+            except (PdpError, OSError):
+                continue
+            finally:
+                conn.close()
+            before = set(self.cred.pins)
+            self.cred.learn(dict(msgpack.unpackb(frame.payload).get("nodes") or {}))
+            return self.cred.pins != before
+        return False
+
+    async def whoami(self) -> dict[str, Any]:
+        """Who the party takes this credential for (name, kind, admin)."""
+        return await self.call("whoami")
 
     async def __aexit__(self, *exc: object) -> None:
         if self.conn is not None:
@@ -71,13 +106,12 @@ class Client:
         """Upload the inputs and queue the job; returns the acknowledgement.
 
         ``form`` fields go into the submit header (``chunk_size``, ``reduces``, ``comment``, ...);
-        ``submitter`` defaults to the local user name.
+        the submitter is the credential's user (the party takes it from the certificate).
         """
         inputs = check_inputs(paths)
-        submitter = form.pop("submitter", None) or getpass.getuser()
         stream = self._conn().open_stream()
         try:
-            await stream.send({"t": "submit", "id": job_id, "kind": kind, "submitter": submitter,
+            await stream.send({"t": "submit", "id": job_id, "kind": kind,
                                "inputs": [{"name": str(p), "size": size} for p, size in inputs], **form})
             first = await stream.recv(30.0)
             if first.header["t"] == "accepted":
@@ -137,6 +171,8 @@ class Client:
         return {**frame.header, "tasks": msgpack.unpackb(frame.payload)}
 
     async def call(self, kind: str, timeout: float = 15.0, **fields: Any) -> dict[str, Any]:
+        if kind in SIGNED_REQUESTS:  # identity changes carry our signature to the master
+            fields["auth"] = sign(self.cred.identity, {"t": kind, **fields})
         frame = await self._conn().request({"t": kind, **fields}, timeout=timeout)
         return frame.header
 
@@ -162,9 +198,9 @@ class Failover:
     Use as an async context manager, or call :meth:`close`, to close it.
     """
 
-    def __init__(self, addrs: list[str], key: bytes, patience: float = 120.0) -> None:
+    def __init__(self, addrs: list[str], cred: Credential, patience: float = 120.0) -> None:
         self.addrs = list(dict.fromkeys(addrs))
-        self.key = key
+        self.cred = cred
         self.patience = patience
         self.current = 0
         self.client: Client | None = None
@@ -190,7 +226,7 @@ class Failover:
         if client is not None and client.node == addr and client.conn is not None and not client.conn.closed:
             return client
         self.close()
-        client = Client(addr, self.key)
+        client = Client(addr, self.cred)
         await client.__aenter__()
         self.client = client
         return client
@@ -228,11 +264,11 @@ def _transient(exc: RemoteError) -> bool:
 
 
 async def run_job(
-    addrs: list[str], key: bytes, kind: str, inputs: list[Path], job_id: str, out: Path,
+    addrs: list[str], cred: Credential, kind: str, inputs: list[Path], job_id: str, out: Path,
     on_progress: Progress | None = None, **form: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Submit, wait and fetch the result, surviving the loss of any one member."""
-    async with Failover(addrs, key) as party:
+    async with Failover(addrs, cred) as party:
 
         async def submit(c: Client) -> dict[str, Any]:
             return await c.submit(kind, inputs, job_id, **form)

@@ -1,9 +1,10 @@
 """Node settings: a frozen dataclass built from a TOML file and command-line flags.
 
 Flags override the file; ``validate`` names the rule a setting breaks; ``changed_settings``
-tells a reload which changes apply live and which need a restart. Also owns the party
-secret file (32 random bytes, hex, mode 0600) and the per-user default locations. The
-owner's limits (memory, disk, nice, hours, ...) are parsed and applied by :mod:`pdp.limits`.
+tells a reload which changes apply live and which need a restart. Also owns the per-user
+default locations (``pdp node`` with no ``--config`` reads :func:`default_config_file`).
+The owner's limits (memory, disk, nice, hours, ...) are parsed and applied by
+:mod:`pdp.limits`; identities live in :mod:`pdp.identity`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,6 @@ from typing import Any
 
 import platformdirs
 
-from pdp import wire
 from pdp.errors import ConfigError
 from pdp.limits import MiB, format_size, parse_hours, parse_size
 
@@ -27,12 +26,14 @@ DEFAULT_PORT = 7700
 MIN_MEMORY = 32 * MiB
 ON_PAUSE = ("finish", "hand_back")
 # Settings a running node cannot change: a reload reports them and keeps the old values.
-RESTART_ONLY = frozenset({"name", "listen", "advertise", "raft_port", "peers", "data_dir", "key_file"})
+RESTART_ONLY = frozenset({"name", "listen", "advertise", "peers", "data_dir"})
+GONE = {"key_file": "nodes have their own identity now (<data_dir>/node.pem, see `pdp id`): delete key_file",
+        "raft_port": "Raft shares the one data port now: delete raft_port"}
 
 
-def default_key_file() -> Path:
-    env = os.environ.get("PDP_KEY_FILE")
-    return Path(env) if env else Path(platformdirs.user_config_dir("pdp")) / "party.key"
+def default_config_file() -> Path:
+    env = os.environ.get("PDP_CONFIG")
+    return Path(env) if env else Path(platformdirs.user_config_dir("pdp")) / "pdp.toml"
 
 
 def default_data_dir() -> Path:
@@ -44,10 +45,8 @@ class NodeConfig:
     name: str = field(default_factory=socket.gethostname)
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
     advertise: str = ""  # default: the listen address (127.0.0.1 if it listens on 0.0.0.0)
-    raft_port: int = 0  # default: data port + 1
-    peers: tuple[str, ...] = ()  # data-plane addresses of the other core members
+    peers: tuple[str, ...] = ()  # addresses of members to ask about the party when its cached view is gone
     data_dir: Path = field(default_factory=default_data_dir)
-    key_file: Path = field(default_factory=default_key_file)
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)  # size of the task pool
     chunk_mb: float = 8.0  # map chunk size for jobs submitted through this node
     reduces: int = 0  # reduce tasks per job submitted here; 0 = one per task slot in the party, at most 16
@@ -78,8 +77,8 @@ class NodeConfig:
 
     @property
     def raft_addr(self) -> str:
-        """The Raft address peers dial: the advertised host, the Raft port."""
-        return f"{self.advertise_addr.rsplit(':', 1)[0]}:{self.raft_port or self.data_port + 1}"
+        """This node's Raft id: its advertised address (Raft shares the one port)."""
+        return self.advertise_addr
 
     def validate(self) -> NodeConfig:
         for label, addr in [("listen", self.listen), ("advertise", self.advertise or self.listen), *(("peer", p) for p in self.peers)]:
@@ -101,8 +100,6 @@ class NodeConfig:
             raise ConfigError(f"stall_after = {self.stall_after}: must be between dead_after and 86400 seconds")
         if not 1 <= self.max_failures <= 1000:
             raise ConfigError(f"max_failures = {self.max_failures}: must be between 1 and 1000")
-        if self.raft_port and not 0 < self.raft_port < 65536:
-            raise ConfigError(f"raft_port = {self.raft_port}: not a TCP port")
         self._validate_limits()
         return self
 
@@ -138,8 +135,8 @@ def _is_int(value: object) -> bool:
 
 def _check_addr(label: str, addr: str) -> None:
     host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65535:
-        raise ConfigError(f"{label} address {addr!r}: expected HOST:PORT with a port below 65535 (the Raft port is PORT+1)")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{label} address {addr!r}: expected HOST:PORT")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
@@ -161,12 +158,14 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         values = values.get("node", values)
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    gone = sorted(set(values) & set(GONE))
+    if gone:
+        raise ConfigError("; ".join(f"setting {k}: {GONE[k]}" for k in gone))
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
-    for key in ("data_dir", "key_file"):
-        if key in values:
-            values[key] = Path(values[key]).expanduser()
+    if "data_dir" in values:
+        values["data_dir"] = Path(values["data_dir"]).expanduser()
     if "peers" in values:
         values["peers"] = tuple(values["peers"])
     _convert_limits(values)
@@ -196,41 +195,3 @@ def changed_settings(old: NodeConfig, new: NodeConfig) -> tuple[list[str], list[
     """The settings that differ: (those a running node applies live, those that need a restart)."""
     changed = [f.name for f in dataclasses.fields(NodeConfig) if getattr(old, f.name) != getattr(new, f.name)]
     return [k for k in changed if k not in RESTART_ONLY], [k for k in changed if k in RESTART_ONLY]
-
-
-# -- the party secret -------------------------------------------------------------------
-
-
-def write_key(path: Path, key: bytes | None = None, force: bool = False) -> bytes:
-    """Create a party secret file (mode 0600); refuse to overwrite one unless ``force``."""
-    key = key or wire.new_key()
-    if path.exists() and not force:
-        raise ConfigError(f"{path} already exists; pass --force to replace the party secret")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
-    os.chmod(path, 0o600)
-    return key
-
-
-def load_key(path: Path) -> bytes:
-    """Read the party secret, with a message that says how to get one."""
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"no party secret at {path}: run `pdp party init` to start a party, or copy the party's "
-            "key file here (or pass --key-file / set PDP_KEY_FILE)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the party secret {path}: {exc}") from None
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        raise ConfigError(f"{path} is not a pdp key file (expected 64 hex digits)") from None
-    if len(key) < 16:
-        raise ConfigError(f"{path} holds a {len(key)}-byte key; a party secret has 32 bytes")
-    if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{path} is readable by other users; run: chmod 600 {path}")
-    return key

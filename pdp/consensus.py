@@ -5,9 +5,16 @@ module bridges it to asyncio: :meth:`Consensus.propose` returns an awaitable bou
 timeout, readers take :meth:`Consensus.reading` (a lock shared with the apply path), and
 every applied entry or role change wakes the event loop through ``on_change``.
 
+Raft messages travel over pdp's own authenticated connections (a :class:`~pdp.raftnet.Bridge`
+run by the asyncio side) as msgpack, through :mod:`pdp.raftnet`'s Transport, which screens
+every received log entry; dump files and snapshots are msgpack (:mod:`pdp.statecodec`).
+Nothing from the network reaches pickle unscreened. A voter's Raft id is its data address
+"host:port": one port for everything.
+
 Settings follow the measured facts in the project guide: unbatched appends (0.3 ms commits
-instead of ~100 ms), short election and fallback timeouts, a fast reconnect, journal *and*
-dump file together, and always a password (without one pysyncobj unpickles anything).
+instead of ~100 ms), short election and fallback timeouts, journal *and* dump file together
+on voters, a dump file on read-only followers too (without one pysyncobj would unpickle
+snapshots in memory).
 """
 
 from __future__ import annotations
@@ -25,8 +32,12 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
-from pdp.errors import PdpError
+from pdp import raftnet
+from pdp.durable import DurableJournal, install_durable_dumps, make_durable
+from pdp.errors import ConfigError, PdpError, ProtocolError
+from pdp.raftnet import Bridge
 from pdp.state import State
+from pdp.statecodec import StateDump, is_pdp_dump
 
 log = logging.getLogger("pdp.consensus")
 
@@ -43,6 +54,16 @@ class ConsensusError(PdpError):
         self.reason = reason
 
 
+class CommandRefused(PdpError):
+    """A command cannot go through Raft at all (a bug in the caller: retrying cannot help)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"this command cannot go through Raft ({reason}); a command holds only dicts with str "
+                         f"keys, lists, str, int, float, bool and None (no bytes), at most "
+                         f"{raftnet.MAX_COMMAND_BYTES} bytes pickled")
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class RaftTuning:
     append_period: float = 0.05
@@ -51,13 +72,15 @@ class RaftTuning:
     fallback: float = 1.5
     connection_timeout: float = 2.0
     retry: float = 0.5
+    compaction_entries: int = 5000  # log compaction (a dump) after this many entries ...
+    compaction_time: float = 300.0  # ... or seconds (tests make both small)
+    snapshot_chunk: int = raftnet.SNAPSHOT_CHUNK_BYTES  # bytes per 'serialized' chunk of a snapshot
 
 
 class _Replica(SyncObjConsumer):
-    """The SyncObjConsumer holding the State; only ``state`` is dumped to disk."""
+    """The SyncObjConsumer holding the State; :class:`StateDump` writes and restores it."""
 
     def __init__(self, on_apply: Callable[[], None]) -> None:
-        # Attributes set before SyncObjConsumer.__init__ are excluded from its dumps.
         self.lock = threading.Lock()
         self.on_apply = on_apply
         super().__init__()
@@ -70,9 +93,10 @@ class _Replica(SyncObjConsumer):
         _safe(self.on_apply)
         return result
 
-    def _deserialize(self, data: dict[str, Any]) -> None:
+    def restore(self, state: State) -> None:
+        """A dump was loaded (restart or snapshot from the leader), on the tick thread."""
         with self.lock:
-            super()._deserialize(data)
+            self.state = state
         _safe(self.on_apply)
 
 
@@ -169,31 +193,81 @@ def _keep_next_index_monotonic(sync: SyncObj) -> None:
     transport.setOnMessageReceivedCallback(on_message)
 
 
+Queued = tuple[dict[str, Any], bytes, asyncio.Future[dict[str, Any]]]  # (plain command, its entry, future)
+
+
 class Consensus:
-    """A Raft member. Construct on the main thread, inside the running event loop."""
+    """A Raft member. Construct on the main thread, inside the running event loop.
+
+    ``self_addr`` is this voter's data address "host:port" (its Raft id), None for a
+    read-only follower (a worker); ``peers`` are the voters' addresses; ``bridge`` carries
+    the Raft messages (see :class:`pdp.raftnet.Bridge`). ``before_send`` runs on the tick
+    thread before any Raft message leaves; ``on_refused(node_id, reason)`` for every
+    message dropped by the screen.
+    """
 
     def __init__(
         self,
         self_addr: str | None,
         peers: list[str],
-        password: str,
+        bridge: Bridge,
         data_dir: Path,
-        bind_host: str,
         on_change: Callable[[], None],
         tuning: RaftTuning = RaftTuning(),
+        before_send: Callable[[], None] | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._on_change = on_change
+        self.replica = _Replica(self._notify)  # before the SyncObj (guide: restart trap)
+        self.self_addr = self_addr
+        self.dump = StateDump(lambda: self.replica.state, self.replica.restore)
+        conf = self._conf(data_dir, tuning)
         self.truncations = _TruncationCounter()
         logging.getLogger("pysyncobj").addHandler(self.truncations)
-        self.replica = _Replica(self._notify)  # before the SyncObj (guide: restart trap)
+        self.durable: DurableJournal | None = None
+
+        def flush_first() -> None:  # on the tick thread, before any Raft message leaves (acks, votes)
+            if self.durable is None:
+                raise ConsensusError("the journal is not durable yet")
+            self.durable.flush()
+            if before_send is not None:
+                before_send()
+
+        transport_class = raftnet.make_transport_class(bridge, on_refused=on_refused, before_send=flush_first)
+        install_durable_dumps()
+        self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf, consumers=[self.replica],
+                             transportClass=transport_class)
+        self.transport: raftnet.RaftTransport = self._sync._SyncObj__transport  # type: ignore[attr-defined]
+        self._func_id = self._apply_id()
+        self._queued: list[Queued] = []
+        self._tick_jobs: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
+        self._sync.addOnTickCallback(self._run_tick_jobs)
+        _keep_next_index_monotonic(self._sync)
+        journal = self._sync._SyncObj__raftLog  # type: ignore[attr-defined]
+        self.durable = make_durable(journal, dump_file=conf.fullDumpFile)
+        self.divergence = _DivergenceWatch(self.durable, lambda: int(self._sync.raftLastApplied))
+        self._sync._SyncObj__raftLog = self.divergence  # type: ignore[attr-defined]
+
+    def _conf(self, data_dir: Path, tuning: RaftTuning) -> SyncObjConf:
         data_dir.mkdir(parents=True, exist_ok=True)
-        voter = self_addr is not None  # a worker follows the log read-only, in memory (no files)
-        conf = SyncObjConf(
-            password=password,
+        voter = self.self_addr is not None
+        dump = data_dir / "raft.dump"
+        if not voter:  # a worker's log is in memory: it starts from the leader's state every time
+            dump.unlink(missing_ok=True)
+        elif dump.exists() and not is_pdp_dump(dump):
+            raise ConfigError(f"{dump} was written by an older pdp (pickle), which this one will not read; "
+                              f"delete {data_dir} to let this member start afresh from the others")
+        return SyncObjConf(
             journalFile=str(data_dir / "raft.journal") if voter else None,
-            fullDumpFile=str(data_dir / "raft.dump") if voter else None,
+            fullDumpFile=str(dump),  # also on workers: without one, snapshots take pysyncobj's pickle path
+            serializer=self.dump.serializer,
+            deserializer=self.dump.deserializer,
             appendEntriesUseBatch=False,
+            appendEntriesBatchSizeBytes=raftnet.APPEND_BATCH_BYTES,  # no entry is this big: no 'transmission'
+            logCompactionMinEntries=tuning.compaction_entries,
+            logCompactionMinTime=tuning.compaction_time,
+            logCompactionBatchSize=tuning.snapshot_chunk,
             appendEntriesPeriod=tuning.append_period,
             raftMinTimeout=tuning.election_min,
             raftMaxTimeout=tuning.election_max,
@@ -203,17 +277,13 @@ class Consensus:
             dynamicMembershipChange=True,
             onStateChanged=lambda old, new: self._notify(),
         )
-        if self_addr is not None:  # a voter listens; a worker without a seat only follows the log
-            conf.bindAddress = f"{bind_host}:{self_addr.rsplit(':', 1)[1]}"
-        self.self_addr = self_addr
-        self._sync = SyncObj(self_addr, [p for p in peers if p != self_addr], conf, consumers=[self.replica])
-        self._queued: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
-        self._tick_jobs: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
-        self._sync.addOnTickCallback(self._run_tick_jobs)
-        _keep_next_index_monotonic(self._sync)
-        journal = self._sync._SyncObj__raftLog  # type: ignore[attr-defined]
-        self.divergence = _DivergenceWatch(journal, lambda: int(self._sync.raftLastApplied))
-        self._sync._SyncObj__raftLog = self.divergence  # type: ignore[attr-defined]
+
+    def _apply_id(self) -> int:
+        """pysyncobj's id of _Replica.apply: the only method the followers' screen accepts."""
+        ids = self._sync._idToMethod  # type: ignore[attr-defined]
+        if set(ids) != set(raftnet.FUNC_IDS):  # pragma: no cover - a second @replicated method
+            raise RuntimeError(f"pysyncobj method ids {sorted(ids)}, the screen allows {sorted(raftnet.FUNC_IDS)}")
+        return next(iter(raftnet.FUNC_IDS))
 
     def _notify(self) -> None:
         if not self._loop.is_closed():
@@ -222,14 +292,24 @@ class Consensus:
     # -- writes -----------------------------------------------------------------------
 
     async def propose(self, cmd: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-        """Commit ``cmd`` and return its result; ConsensusError if the outcome is not known.
+        """Commit ``cmd`` on this member, the leader, and return its result.
 
-        Group commit: commands proposed in the same turn of the event loop travel in one
-        Raft entry (a ``batch``), each getting its own result back."""
+        CommandRefused (at once) if ``cmd`` cannot go through Raft (bytes, non-str keys, too
+        big: every follower would refuse its entry forever); ConsensusError if the outcome is
+        not known (not the leader, leadership lost, timeout). Group commit: commands
+        proposed in the same turn of the event loop travel in one Raft entry (a ``batch``),
+        each getting its own result back."""
+        try:
+            plain = raftnet.plain_command(cmd)
+            entry = raftnet.pack_command(plain, self._func_id)
+        except ProtocolError as exc:
+            raise CommandRefused(str(exc)) from None
+        if not self.is_leader():  # a follower would forward it as 'apply_command', which is refused
+            raise ConsensusError("this member is not the Raft leader")
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         if not self._queued:
             self._loop.call_soon(self._flush)
-        self._queued.append((cmd, fut))
+        self._queued.append((plain, entry, fut))
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
@@ -237,18 +317,27 @@ class Consensus:
 
     def _flush(self) -> None:
         queued, self._queued = self._queued, []
-        if len(queued) == 1:
-            cmd, fut = queued[0]
-            self.replica.apply(cmd, callback=lambda result, err: self._loop.call_soon_threadsafe(
-                _settle, fut, result, err))
+        for group in _groups(queued):
+            self._submit_group(group)
+
+    def _submit_group(self, group: list[Queued]) -> None:
+        loop = self._loop
+        if len(group) == 1:
+            fut = group[0][2]
+            self._submit(group[0][1], lambda result, err: loop.call_soon_threadsafe(_settle, fut, result, err))
             return
-        for start in range(0, len(queued), MAX_BATCH):
-            group = queued[start:start + MAX_BATCH]
+        try:  # its parts passed the screen, so the batch of them does; only its size is checked
+            entry = raftnet.pack_command({"op": "batch", "cmds": [plain for plain, _, _ in group]}, self._func_id,
+                                         screen=False)
+        except ProtocolError:  # over the size cap after all: one entry each
+            for item in group:
+                self._submit_group([item])
+            return
+        self._submit(entry, lambda result, err: loop.call_soon_threadsafe(_settle_group, group, result, err))
 
-            def done(result: Any, err: int, group: list[tuple[dict[str, Any], asyncio.Future[Any]]] = group) -> None:
-                self._loop.call_soon_threadsafe(_settle_group, group, result, err)
-
-            self.replica.apply({"op": "batch", "cmds": [cmd for cmd, _ in group]}, callback=done)
+    def _submit(self, entry: bytes, callback: Callable[[Any, int], object]) -> None:
+        """Queue a screened entry for the tick thread (what @replicated does after pickling)."""
+        self._sync._applyCommand(entry, callback)  # type: ignore[attr-defined]
 
     # -- reads ------------------------------------------------------------------------
 
@@ -261,11 +350,22 @@ class Consensus:
     def is_leader(self) -> bool:
         return bool(self._sync._isLeader())
 
+    def leader_id(self) -> str | None:
+        """The Raft leader's id ("host:port") as this member last heard, or None."""
+        leader = self._sync._getLeader()
+        return None if leader is None else str(leader.id)
+
     def term(self) -> int:
         return int(self._sync.raftCurrentTerm)
 
     async def change_membership(self, action: str, raft_addr: str, timeout: float = 10.0) -> None:
-        """Add or remove one voter (pysyncobj dynamic membership); call on the leader, one at a time."""
+        """Add or remove one voter (pysyncobj dynamic membership); call on the leader, one at a time.
+
+        ``raft_addr`` is the voter's id, its data address "host:port"."""
+        try:
+            raftnet.check_node_id(raft_addr)
+        except ProtocolError as exc:
+            raise CommandRefused(str(exc)) from None
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
 
         def done(result: Any, err: int) -> None:
@@ -319,6 +419,7 @@ class Consensus:
             "log_len": int(status["log_len"]),
             "truncations": self.truncations.count,  # pysyncobj's CRITICAL lines (harmless when re-appended equal)
             "diverged": self.divergence.diverged,  # applied entries replaced by different ones: must stay 0
+            "refused": self.transport.refused,  # Raft messages dropped by the screen (should stay 0)
         }
 
     def close(self) -> None:
@@ -329,13 +430,30 @@ class Consensus:
         """Destroy and wait until pysyncobj's thread and sockets are gone (before a role change)."""
         logging.getLogger("pysyncobj").removeHandler(self.truncations)
         await asyncio.to_thread(self._sync.destroy_synchronous)
+        notifier = getattr(self._sync, "_SyncObj__pipeNotifier", None)  # pysyncobj never closes its pipe
+        if notifier is not None:
+            raftnet.close_notifier(notifier, self._sync._poller)
 
 
-def _settle_group(group: list[tuple[dict[str, Any], asyncio.Future[Any]]], result: Any, err: int) -> None:
+def _groups(queued: list[Queued]) -> Iterator[list[Queued]]:
+    """Consecutive groups of at most MAX_BATCH commands whose entries fit in one entry."""
+    group: list[Queued] = []
+    size = 0
+    for item in queued:
+        if group and (len(group) == MAX_BATCH or size + len(item[1]) > raftnet.MAX_COMMAND_BYTES - 1024):
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += len(item[1])
+    if group:
+        yield group
+
+
+def _settle_group(group: list[Queued], result: Any, err: int) -> None:
     results = result.get("results") if err == FAIL_REASON.SUCCESS and isinstance(result, dict) else None
     if err == FAIL_REASON.SUCCESS and (not isinstance(results, list) or len(results) != len(group)):
         err, results = FAIL_REASON.REQUEST_DENIED, None  # pragma: no cover - a batch always answers each
-    for k, (_, fut) in enumerate(group):
+    for k, (_, _, fut) in enumerate(group):
         _settle(fut, results[k] if results is not None else None, err)
 
 

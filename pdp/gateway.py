@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from pdp.consensus import ConsensusError
-from pdp.errors import InputError, PdpError, ProtocolError, RemoteError
-from pdp.fsutil import atomic_writer
+from pdp.errors import AuthError, InputError, PdpError, ProtocolError, RemoteError
+from pdp.identity import Token, new_secret, pem_fingerprint, token_hash
+from pdp.fsutil import BlockSums, Damaged, atomic_writer, check_sha256, write_sums
 from pdp.jobs import job_kind
 from pdp.scheduler import scores
 from pdp.spool import check_id
 from pdp.state import ACTIVE, Job
-from pdp.streams import relay, send_file
-from pdp.transport import Handler, Stream
+from pdp.streams import check_data, data_header, relay, send_file
+from pdp.transport import Forbidden, Handler, Stream
 
 if TYPE_CHECKING:
     from pdp.node import Node
@@ -36,6 +37,8 @@ MAX_INPUTS = 1000
 MAX_REDUCES = 64
 KEEPALIVE = 5.0  # a waiting client hears from its gateway at least this often
 PROGRESS_GAP = 0.1  # a waiting client hears of progress at most this often (the end at once)
+DEFAULT_TTL = 24 * 3600.0  # a join token's default lifetime
+MAX_TTL = 30 * 86400.0
 LAG_GRACE = 5.0  # how long a member waits for its copy of the log to show a job it is asked about
 
 
@@ -46,6 +49,8 @@ class Gateway:
     def handlers(self) -> dict[str, Handler]:
         return {"submit": self._submit, "wait": self._wait, "result": self._result, "status": self._status,
                 "jobs": self._jobs, "invite": self._invite, "uninvite": self._uninvite, "core": self._core,
+                "invites": self._invites, "withdraw": self._withdraw, "join": self._join, "rekey": self._rekey,
+                "whoami": self._whoami,
                 "leave": self._leave, "cancel": self._cancel, "job": self._job_detail}
 
     def _job(self, job_id: str) -> Job | None:
@@ -57,13 +62,18 @@ class Gateway:
 
     async def _submit(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """Store the inputs here and on a second member, commit the job, then acknowledge."""
+        hdr = {**hdr, "submitter": stream.conn.who.name}  # the proven user, whatever the header says
         job_id = check_id(str(hdr["id"]))
         kind = str(hdr["kind"])
         job_kind(kind)  # an unknown kind is refused before any upload
         inputs = hdr["inputs"]
         if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_INPUTS:
             raise InputError(f"a job takes 1 to {MAX_INPUTS} inputs")
-        if self._job(job_id) is not None:  # a retried submit: the job already exists
+        known = self._job(job_id)
+        if known is not None:  # a retried submit (the job exists), but only of the same kind, inputs and submitter
+            asked = [{"name": str(i["name"])[:4096], "size": int(i["size"])} for i in inputs]  # as _submit stores them
+            if not known.same_submission(kind, asked, str(hdr.get("submitter", "?"))[:200]):  # as _submit_cmd
+                raise InputError(f"job id {job_id} is already used for different inputs; submit with a new id")
             await stream.send({"t": "accepted", "id": job_id, "dup": True, "members": self._member_addrs()})
             return
         full = self.node.spool_full(sum(int(i["size"]) for i in inputs))
@@ -144,25 +154,33 @@ class Gateway:
     async def _receive_input(
         self, stream: Stream, file_id: str, declared: int, mirror: tuple[str, Stream] | None
     ) -> tuple[int, bool]:
-        """Write the input to the spool (and the mirror); returns (size, mirrored completely)."""
-        size, mirrored = 0, mirror is not None
-        with atomic_writer(self.node.spool.input(file_id)) as f:
+        """Write the input to the spool with its block checksums (and to the mirror, each frame
+        with its CRC); returns (size, mirrored completely)."""
+        size, mirrored, sums = 0, mirror is not None, BlockSums()
+        path = self.node.spool.input(file_id)
+        with atomic_writer(path) as f:
             while True:
                 frame = await stream.recv(60.0)
                 if frame.header["t"] == "end":
                     break
                 if frame.header["t"] != "data":
                     raise ProtocolError(f"expected input data, got {frame.header['t']!r}")
+                if "crc" in frame.header:  # a client that sends CRCs gets them checked
+                    check_data(frame.header, frame.payload, f"input {file_id}")
                 f.write(frame.payload)
+                sums.update(frame.payload)
                 size += len(frame.payload)
                 if size > declared:
                     raise InputError(f"input {file_id} is larger than the declared {declared} bytes (did it change?)")
                 if mirrored and mirror is not None:
-                    mirrored = await _forward(mirror, {"t": "data"}, frame.payload)
-        if size != declared:
-            raise InputError(f"input {file_id}: got {size} bytes, declared {declared} (did the file change?)")
+                    mirrored = await _forward(mirror, data_header(frame.payload), frame.payload)
+            if size != declared:
+                raise InputError(f"input {file_id}: got {size} bytes, declared {declared} (did the file change?)")
+            if mirrored and mirror is not None:  # the mirror makes its copy durable while this one does
+                mirrored = await _forward(mirror, {"t": "end", "size": size}, b"")
+            write_sums(path, sums.finish(), size)  # before the input itself appears
         if mirrored and mirror is not None:
-            mirrored = await _forward(mirror, {"t": "end", "size": size}, b"") and await _stored(mirror)
+            mirrored = await _stored(mirror)
         return size, mirrored
 
     def _submit_cmd(self, job_id: str, kind: str, hdr: dict[str, Any], stored: list[dict[str, Any]]) -> dict[str, Any]:
@@ -170,7 +188,11 @@ class Gateway:
         assert self.node.consensus is not None
         with self.node.consensus.reading() as state:
             slots = sum(m.cpus for m in state.members.values()) or 1
+        from pdp.state import MAX_CHUNK, MAX_MAPS  # the state refuses a job past these caps
+
+        total = sum(int(i["size"]) for i in stored)
         chunk = max(4096, int(hdr.get("chunk_size") or cfg.chunk_mb * 1024 * 1024))
+        chunk = min(MAX_CHUNK, max(chunk, -(-total // (MAX_MAPS - len(stored)))))  # < MAX_MAPS maps however big
         maps = sum(-(-int(i["size"]) // chunk) for i in stored)  # about one map per chunk
         n_reduce = int(hdr.get("reduces") or cfg.reduces or max(1, min(slots, 16, maps)))
         form = {
@@ -225,11 +247,18 @@ class Gateway:
             raise PdpError(f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else "; no result yet"))
         holders = [str(h) for h in job.result["holders"]]
         await stream.send({"t": "result", **job.result})
-        if self.node.name in holders:
-            await send_file(stream, self.node.spool.file(job_id, "result"))
-            return
         errors = []
-        for holder in holders:
+        if self.node.name in holders:
+            path = self.node.spool.file(job_id, "result")
+            try:  # a damaged copy here: relay another holder's
+                await asyncio.to_thread(check_sha256, path, str(job.result["sha256"]), f"{self.node.name}'s copy")
+            except (Damaged, OSError) as exc:
+                log.warning("job %s: %s; relaying another copy", job_id, exc)
+                errors.append(f"{self.node.name}: {exc}")
+            else:
+                await send_file(stream, path)
+                return
+        for holder in (h for h in holders if h != self.node.name):
             try:
                 conn = await self.node.peers.get(self.node.member_addr(holder))
             except (PdpError, OSError) as exc:
@@ -241,35 +270,131 @@ class Gateway:
                 await relay(source, stream)
                 return
             except (PdpError, OSError) as exc:
+                log.warning("job %s: the result copy on %s failed: %s", job_id, holder, exc)
                 errors.append(f"{holder}: {exc}")  # nothing relayed yet unless the holder died mid-way
             finally:
                 source.close()
         raise PdpError(f"no member holding the result of {job_id} answered ({'; '.join(errors)}); try again later")
 
     async def _cancel(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
-        """Stop a job: its tasks are not handed out again, running ones stop, members drop its files."""
-        job_id = check_id(str(hdr["id"]))
-        res = await self._commit({"op": "cancel", "job": job_id, "by": stream.conn.peer_name, "now": time.time()},
-                                 patience=10.0)
-        log.warning("%s cancelled job %s", stream.conn.peer_name, job_id)
+        """Stop a job: its tasks are not handed out again, running ones stop, members drop its files.
+        Users cancel their own jobs; admins any job."""
+        job_id, who = check_id(str(hdr["id"])), stream.conn.who
+        job = self._job(job_id)
+        if job is not None and job.submitter != who.name and not who.admin:
+            raise Forbidden(f"forbidden: job {job_id} was submitted by {job.submitter}; only they or an admin may "
+                            "cancel it")
+        res = await self._commit({"op": "cancel", "job": job_id, "by": who.name, "now": time.time()}, patience=10.0)
+        log.warning("%s cancelled job %s", who.label, job_id)
         await stream.send({"t": "cancelled", "id": job_id, **res})
 
-    # -- invitations --------------------------------------------------------------------
+    # -- invitations and identities ------------------------------------------------------
 
     async def _invite(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """An admin invites NAME: a one-time join token (the party keeps only its hash)."""
+        name, kind = str(hdr["name"]), "user" if hdr.get("user") else "node"
+        ttl = float(hdr.get("ttl") or DEFAULT_TTL)
+        if not 60 <= ttl <= MAX_TTL:
+            raise InputError(f"--ttl must be between 1 minute and {MAX_TTL // 86400:.0f} days")
+        now, secret = time.time(), new_secret()
+        await self._commit({"op": "token", "name": name, "kind": kind, "token_hash": token_hash(secret),
+                            "expires": now + ttl, "by": stream.conn.who.name, "now": now,
+                            "replace": bool(hdr.get("replace")), "auth": hdr.get("auth")}, patience=10.0)
+        ids = self.node._identities()
+        pins = sorted(fp for fp, r in ids.items() if r["kind"] == "node")
+        token = Token(name, kind, tuple(self._join_addrs()), tuple(pins), secret, now + ttl)
+        log.warning("%s invited %s %s (token valid %.0f s)", stream.conn.who.label, kind, name, ttl)
+        await stream.send({"t": "invited", "name": name, "kind": kind, "token": token.encode(), "expires": now + ttl})
+
+    def _join_addrs(self) -> list[str]:
+        """Where a newcomer can reach the party: this member first, then the voters."""
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            voters = [m.data_addr for m in state.members.values() if m.voter]
+        return list(dict.fromkeys([self.node.config.advertise_addr, *sorted(voters)]))
+
+    async def _invites(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            pending = [{"name": n, "kind": t["kind"], "expires": t["expires"], "by": t["by"]}
+                       for n, t in sorted(state.tokens.items())]
+            ids = [{"name": r["name"], "kind": r["kind"], "admin": r["admin"], "fp": fp}
+                   for fp, r in sorted(state.identities.items(), key=lambda kv: (kv[1]["name"], kv[0]))]
+        await stream.send({"t": "invites"}, msgpack.packb({"pending": pending, "identities": ids}))
+
+    async def _withdraw(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         name = str(hdr["name"])
-        res = await self._commit({"op": "invite", "name": name, "by": stream.conn.peer_name, "now": time.time()},
-                                 patience=10.0)
-        log.info("%s invited %s", stream.conn.peer_name, name)
-        await stream.send({"t": "invited", "name": name, "join": self.node.config.advertise_addr, **res})
+        await self._commit({"op": "withdraw", "name": name, "auth": hdr.get("auth")}, patience=10.0)
+        log.warning("%s withdrew the invitation of %s", stream.conn.who.label, name)
+        await stream.send({"t": "withdrawn", "name": name})
+
+    async def _join(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """A newcomer (anonymous TLS, pinned to us) redeems a token: its certificate becomes NAME."""
+        secret, cert = str(hdr.get("secret", ""))[:128], str(hdr.get("cert", ""))[:8192]
+        try:
+            fp = pem_fingerprint(cert)
+        except ValueError:
+            raise InputError("the join request holds no valid certificate") from None
+        res = await self.node.propose({"op": "join", "secret": secret, "fp": fp, "cert": cert, "now": time.time()},
+                                      timeout=10.0)
+        if not res.get("ok"):
+            log.warning("refused a join from %s: %s", stream.conn.peer, res.get("error"))
+            raise AuthError(f"the party refused the token: {res.get('error')}")
+        log.warning("%s %s joined the party (id %s)", res["kind"], res["name"], fp[:16])
+        await self._wait_identity(fp)
+        assert self.node.consensus is not None
+        known = self.node._identities()
+        for rec in known.values():
+            rec.setdefault("addr", "")
+        with self.node.consensus.reading() as state:
+            for rec in known.values():
+                member = state.members.get(rec["name"])
+                if member is not None and rec["kind"] == "node":
+                    rec["addr"] = member.data_addr
+            core = sorted(m.data_addr for m in state.members.values() if m.voter)
+        await stream.send({"t": "joined", "name": res["name"], "kind": res["kind"]},
+                          msgpack.packb({"core": core, "known": known}))
+
+    async def _wait_identity(self, fp: str, patience: float = 5.0) -> None:
+        """Until this member's copy of the log shows the new identity (it may lag the commit)."""
+        deadline = time.monotonic() + patience
+        while fp not in self.node._identities() and time.monotonic() < deadline:
+            await self.node.changes.wait(0.2)
+
+    async def _rekey(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """An identity replaces its own key: the old certificate stops working."""
+        who, cert = stream.conn.who, str(hdr.get("cert", ""))[:8192]
+        try:
+            fp = pem_fingerprint(cert)
+        except ValueError:
+            raise InputError("the rekey request holds no valid certificate") from None
+        await self._commit({"op": "rekey", "name": who.name, "old_fp": who.fp, "fp": fp, "cert": cert,
+                            "now": time.time(), "auth": hdr.get("auth")}, patience=10.0)
+        await self._wait_identity(fp)
+        log.warning("%s has a new key (id %s)", who.label, fp[:16])
+        await stream.send({"t": "rekeyed", "fp": fp})
+
+    async def _whoami(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Who the party takes the caller for, and the party's node ids (a client's pins)."""
+        await stream.send({"t": "you", **self.node.whoami(stream)}, msgpack.packb({"nodes": self._node_addrs()}))
+
+    def _node_addrs(self) -> dict[str, str]:
+        """Every member node's fingerprint -> its address."""
+        assert self.node.consensus is not None
+        ids = self.node._identities()
+        with self.node.consensus.reading() as state:
+            addr = {m.name: m.data_addr for m in state.members.values()}
+        return {fp: addr.get(r["name"]) or r.get("addr", "") for fp, r in ids.items() if r["kind"] == "node"}
 
     async def _uninvite(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """Revoke NAME: its identities are removed, its connections closed, its work runs elsewhere."""
         name = str(hdr["name"])
         assert self.node.consensus is not None
         with self.node.consensus.reading() as state:
             term = state.master["term"]
-        await self._commit({"op": "uninvite", "name": name, "term": term}, patience=10.0)
-        log.warning("%s withdrew the invitation of %s", stream.conn.peer_name, name)
+        await self._commit({"op": "revoke", "name": name, "term": term, "now": time.time(), "auth": hdr.get("auth")},
+                           patience=10.0)
+        log.warning("%s revoked %s", stream.conn.who.label, name)
         await stream.send({"t": "uninvited", "name": name})
 
     # -- the core and leaving -------------------------------------------------------------

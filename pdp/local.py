@@ -1,7 +1,10 @@
 """A party of real ``pdp node`` processes on 127.0.0.1, for the demo, the tests and benchmarks.
 
-Ports are picked free (a data port P with P+1 free for Raft), every node gets its own data
-dir under ``root`` and its log in ``root/<name>.log``; teardown is by PID.
+The party is founded as a script would (the README's "a local party" commands do the
+same through the CLI): every founding node gets its own identity and data dir under
+``root``, the first admin's credential is ``root/admin.cred`` (more users with ``users``),
+every node its config ``root/<name>.toml`` and its log ``root/<name>.log``. Ports are
+picked free (one port per node: data and Raft share it); teardown is by PID.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from pdp.client import Client
-from pdp.config import write_key
 from pdp.errors import PdpError
+from pdp.identity import Credential, load_credential, load_node_identity, new_credential
+from pdp.partyfile import FILE, PartyFile, found, record
 
 
 def free_port_pair() -> int:
-    """A port P such that P and P+1 are both free on 127.0.0.1 right now.
+    """A port P such that P and P+1 are both free on 127.0.0.1 right now (one would do:
+    pdp listens on P alone; the spare keeps neighbouring parties' ports apart).
 
     Taken below the kernel's ephemeral range: a port from that range can meanwhile become
     the source port of some outgoing connection (a Raft link between the other nodes, say)
@@ -60,6 +65,7 @@ class LocalParty:
         env: dict[str, str] | None = None,
         settings: dict[str, Any] | None = None,
         node_settings: dict[int, dict[str, Any]] | None = None,
+        users: tuple[str, ...] = (),
     ) -> None:
         self.root = root
         self.n = n
@@ -68,38 +74,71 @@ class LocalParty:
         self.env = {**os.environ, **(env or {})}
         self.settings = settings or {}
         self.node_settings = node_settings or {}  # node index -> settings of that node only
-        self.key_file = root / "party.key"
+        self.key_file = root / "admin.cred"
+        self.users = users
         self.names = [f"node{i + 1}" for i in range(n)]
         self.ports: list[int] = []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
-    def key(self) -> bytes:
-        return bytes.fromhex(self.key_file.read_text().strip())
+    def key(self) -> Credential:
+        """The admin's credential (what `pdp party init` makes for the founder)."""
+        return load_credential(self.key_file)
+
+    def cred(self, user: str) -> Credential:
+        """The credential of ``user`` (one of ``users``, or "admin")."""
+        return load_credential(self.root / f"{user}.cred")
+
+    def found(self) -> None:
+        """Identities, party files and credentials of a new party of the first ``n`` nodes."""
+        nodes = [(load_node_identity(self.root / name, name), self.root / name, self.addr(i))
+                 for i, name in enumerate(self.names[:self.n])]
+        admin = found(nodes, "admin", self.key_file)
+        extra = [new_credential(self.root / f"{u}.cred", u, admin.pins, addrs=admin.addrs) for u in self.users]
+        for _, data_dir, _ in nodes:
+            pf = PartyFile.load(data_dir)
+            pf.known.update({c.identity.fp: record(c.identity) for c in extra})
+            pf.save()
 
     def addr(self, i: int) -> str:
         return f"127.0.0.1:{self.ports[i]}"
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        if not self.key_file.exists():
-            write_key(self.key_file)
         while len(self.ports) < self.n:
             port = free_port_pair()
             if all(abs(port - p) > 1 for p in self.ports):
                 self.ports.append(port)
+        if not self.key_file.exists():
+            self.found()
         for i in range(self.n):
             self.start_node(i)
 
-    def add_node(self, name: str, peers: list[int]) -> int:
-        """Start one more node (a would-be worker) that names only ``peers`` (indexes); returns its index."""
+    def add_node(self, name: str, peers: list[int], token: str | None = None) -> int:
+        """Start one more node that names only ``peers`` (indexes); returns its index.
+
+        With ``token`` (from `pdp invite NAME`) it joins first (`pdp join TOKEN`), as a new
+        machine would. Without, it is a stranger: its own new identity and a copy of a
+        member's party file (everything a member knows, but no invitation)."""
         port = free_port_pair()
         while any(abs(port - p) <= 1 for p in self.ports):
             port = free_port_pair()
         self.ports.append(port)
         self.names.append(name)
-        self.start_node(len(self.names) - 1, peers)
-        return len(self.names) - 1
+        i = len(self.names) - 1
+        data_dir = self.root / name
+        if token is not None:
+            res = subprocess.run([sys.executable, "-m", "pdp", "join", token, "--data-dir", str(data_dir),
+                                  "--listen", self.addr(i), "--config", str(self.config_path(i))],
+                                 capture_output=True, text=True, env=self.env, timeout=60)
+            if res.returncode != 0:
+                raise PdpError(f"pdp join failed: {res.stderr.strip()}")
+        else:
+            load_node_identity(data_dir, name)
+            pf = PartyFile.load(self.root / self.names[peers[0]])
+            PartyFile(data_dir / FILE, False, pf.core, pf.known).save()
+        self.start_node(i, peers)
+        return i
 
     def start_node(self, i: int, peers: list[int] | None = None) -> None:
         name = self.names[i]
@@ -107,7 +146,7 @@ class LocalParty:
         settings = {"cpus": self.cpus, **self.settings, **self.node_settings.get(i, {})}
         self.write_config(i, settings)
         args = [sys.executable, "-m", "pdp", "node", "--name", name, "--listen", self.addr(i),
-                "--data-dir", str(self.root / name), "--key-file", str(self.key_file),
+                "--data-dir", str(self.root / name),
                 "--config", str(self.config_path(i)), *[a for j in peers for a in ("--peer", self.addr(j))],
                 *self.extra]
         log = open(self.root / f"{name}.log", "ab")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pdp.consensus import ConsensusError
 from pdp.errors import PdpError
-from pdp.fsutil import sha256_file
+from pdp.fsutil import Damaged, crc32_file, sha256_file
 from pdp.jobs import job_kind
 from pdp.scheduler import BUNDLE_MAX, AttemptKey, TaskKey, jobs_to_assemble, pick_backup, pick_tasks
 from pdp.state import ACTIVE, Job, Task
@@ -91,6 +91,7 @@ class Master:
                     self.since, self.live, self.watch, self.started = time.monotonic(), {}, {}, {}
                     self.declared_dead.clear()
                     log.info("%s is master in term %d", self.node.name, self.term)
+                await self._record_genesis()
                 self._start_assembly()
                 await self._reap()
             elif self.term:
@@ -98,6 +99,26 @@ class Master:
                 self.term = 0
             await self.node.changes.wait(0.2)
             await asyncio.sleep(REAP_GAP)  # at most ~50 sweeps a second, however busy the log is
+
+    async def _record_genesis(self) -> None:
+        """A founding member's first master writes the founders' identities into the log."""
+        c, party = self.node.consensus, self.node.party
+        if c is None or not party.genesis:
+            return
+        with c.reading() as state:
+            if state.identities:
+                party.genesis = False
+                party.save()
+                return
+        try:
+            res = await self.node.propose(party.genesis_cmd(time.time()), timeout=3.0)
+        except ConsensusError as exc:
+            log.debug("genesis not recorded yet: %s", exc)
+            return
+        if res.get("ok") or res.get("exists"):
+            log.info("the party's founding identities are recorded")
+        else:
+            log.error("the founding identities were refused: %s", res.get("error"))
 
     async def _claim(self, term: int) -> None:
         cmd = {"op": "master", "term": term, "name": self.node.name, "data_addr": self.node.config.advertise_addr}
@@ -115,7 +136,7 @@ class Master:
 
     async def _get_task(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """Long poll: answer with one or more tasks (a bundle of small ones) or ``idle``."""
-        worker = str(hdr["node"])
+        worker = stream.conn.who.name  # who asks is who its certificate says, never a header field
         deadline = time.monotonic() + min(float(hdr.get("wait", POLL)), POLL)
         while True:
             term = self._require()
@@ -179,17 +200,38 @@ class Master:
         return info
 
     async def _task_done(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
-        res = await self._complete(hdr)
+        res = await self._complete({**hdr, "node": stream.conn.who.name})
         await stream.send({"t": "ok", "accepted": bool(res.get("ok")), "why": res.get("error", "")})
 
     async def _tasks_done(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """Completions of a bundle of small tasks: one Raft entry for all of them."""
-        done = [d for d in hdr["done"] if isinstance(d, dict)]
+        done = [{**d, "node": stream.conn.who.name} for d in hdr["done"] if isinstance(d, dict)]
         results = await asyncio.gather(*(self._complete(d) for d in done))
         await stream.send({"t": "ok", "accepted": sum(bool(r.get("ok")) for r in results)})
 
+    def _runs_on(self, hdr: dict[str, Any]) -> bool:
+        """Is attempt ``hdr["attempt"]`` of that task running on ``hdr["node"]`` (the proven
+        reporter)? A report about anything else never reaches the log."""
+        c = self.node.consensus
+        assert c is not None
+        try:
+            with c.reading() as state:
+                job = state.jobs.get(str(hdr["job"]))
+                if job is None or hdr.get("phase") not in ("map", "reduce"):
+                    return False
+                tasks, index = job.tasks(str(hdr["phase"])), int(hdr["index"])
+                if not 0 <= index < len(tasks):
+                    return False
+                attempt = int(hdr["attempt"])
+                return hdr["node"] in (tasks[index].runs.get(attempt), tasks[index].given_up.get(attempt))
+        except (KeyError, TypeError, ValueError):
+            return False
+
     async def _complete(self, hdr: dict[str, Any]) -> dict[str, Any]:
         term = self._require()
+        if not self._runs_on(hdr):
+            return {"ok": False, "error": f"attempt {hdr.get('attempt')} of {hdr.get('phase')} {hdr.get('index')} "
+                                          f"of {hdr.get('job')} is not running on {hdr['node']}"}
         cmd = {"op": "complete", "job": hdr["job"], "phase": hdr["phase"], "index": hdr["index"],
                "attempt": hdr["attempt"], "node": hdr["node"], "term": term, "stats": hdr.get("stats") or {}}
         if isinstance(hdr.get("result"), dict):
@@ -205,10 +247,14 @@ class Master:
     async def _task_failed(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """A bad input fails the job; any other failure gives the task back (counted)."""
         term = self._require()
+        hdr = {**hdr, "node": stream.conn.who.name}
+        if not self._runs_on(hdr):  # only the member running an attempt can fail it (or its job)
+            await stream.send({"t": "ok"})
+            return
         if hdr.get("retry"):
             counted = bool(hdr.get("counted", True))
             res = await self._release(hdr, f"{hdr.get('why', 'failed')} on {hdr['node']}: {hdr['error']}",
-                                      failed=counted, blame=counted)
+                                      failed=counted, blame=counted, node=hdr["node"])
             if res.get("job_failed"):
                 log.warning("job %s failed: %s %s failed %d times", hdr["job"], hdr["phase"], hdr["index"],
                             self.max_failures)
@@ -220,11 +266,15 @@ class Master:
         await stream.send({"t": "ok"})
 
     async def _release(self, t: dict[str, Any], reason: str, failed: bool = False,
-                       blame: bool = True) -> dict[str, Any]:
-        res = await self.node.propose({"op": "release", "job": t["job"], "phase": t["phase"], "index": t["index"],
-                                       "attempt": t["attempt"], "term": self.term, "reason": reason,
-                                       "failed": failed, "blame": blame, "max_failures": self.max_failures,
-                                       "now": time.time()})
+                       blame: bool = True, node: str | None = None, may_finish: bool = False) -> dict[str, Any]:
+        cmd = {"op": "release", "job": t["job"], "phase": t["phase"], "index": t["index"], "attempt": t["attempt"],
+               "term": self.term, "reason": reason, "failed": failed, "blame": blame,
+               "max_failures": self.max_failures, "now": time.time()}
+        if node is not None:
+            cmd["node"] = node
+        if may_finish:
+            cmd["may_finish"] = True
+        res = await self.node.propose(cmd)
         if res.get("ok"):
             log.warning("job %s: %s %s runs again (%s)", t["job"], t["phase"], t["index"], reason)
         return res
@@ -262,10 +312,14 @@ class Master:
                 if member.voter:
                     raise PdpError(f"{name} is already a core member")
                 addr = raft_addr_of(member.data_addr)
-                await c.change_membership("add", addr)
-                log.info("core: %s added to the Raft configuration; telling it to take its seat", addr)
-                await self.node.peers.request(member.data_addr, {"t": "become", "voter": True,
-                                                                 "core": sorted({*voters, addr})}, timeout=15.0)
+                become = {"t": "become", "voter": True, "core": sorted({*voters, addr})}
+                if len(voters) == 1:  # a core of two needs the newcomer's vote to commit its own seat: seat it first
+                    await self.node.peers.request(member.data_addr, become, timeout=15.0)
+                    await c.change_membership("add", addr, timeout=30.0)
+                else:
+                    await c.change_membership("add", addr)
+                    log.info("core: %s added to the Raft configuration; telling it to take its seat", addr)
+                    await self.node.peers.request(member.data_addr, become, timeout=15.0)
             elif action == "remove":
                 if not member.voter:
                     raise PdpError(f"{name} is not a core member")
@@ -291,7 +345,7 @@ class Master:
 
     async def _heartbeat(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         self._require()  # a deposed master must not keep a live view (or claim to be master)
-        name = str(hdr["node"])
+        name = stream.conn.who.name
         if name not in self.live:
             log.info("member %s is alive", name)
         if name in self.declared_dead:
@@ -388,7 +442,7 @@ class Master:
                 continue
             reason = self._expired(t, now)
             if reason:
-                await self._release(t, reason)
+                await self._release(t, reason, may_finish=reason.startswith("stalled"))
         live_keys = {(t["job"], t["phase"], t["index"], t["attempt"]) for t in running}
         self.watch = {k: v for k, v in self.watch.items() if k in live_keys}
         self.started = {k: v for k, v in self.started.items() if k in live_keys}
@@ -454,7 +508,7 @@ class Master:
             result = node.spool.file(job_id, "result")
             stats = await node.run_in_pool(job_kind(kind).merge_outputs, [str(p) for p in parts], str(result))
             digest = await asyncio.to_thread(sha256_file, result)
-            copies = await self._replicate(job_id, result, gateway)
+            copies = await self._replicate(job_id, result, gateway, digest)
             res = await node.propose({"op": "finish", "job": job_id, "term": term, "now": time.time(),
                                       "result": {"holders": [node.name, *copies], "size": stats["bytes"],
                                                  "keys": stats["keys"], "sha256": digest}})
@@ -481,15 +535,25 @@ class Master:
         return None if missing else [p for p in results if isinstance(p, Path)]
 
     async def _fetch_part(self, job_id: str, r: int, holder: str) -> Path:
+        """Reduce ``r``'s output (fetched unless it is here), checked against the CRC-32 its
+        reducer recorded in the log (Damaged: it counts as unreachable and runs again)."""
         node = self.node
+        assert node.consensus is not None
+        with node.consensus.reading() as state:
+            job = state.jobs.get(job_id)
+            crc = job.reduces[r].stats.get("crc32") if job is not None and r < len(job.reduces) else None
         if holder == node.name:
-            return node.spool.file(job_id, f"reduce-{r}")
-        dest = node.spool.file(job_id, f"part-{r}")
-        await node.fetch_file(node.member_addr(holder), job_id, f"reduce-{r}", dest)
+            dest = node.spool.file(job_id, f"reduce-{r}")
+        else:
+            dest = node.spool.file(job_id, f"part-{r}")
+            await node.fetch_file(node.member_addr(holder), job_id, f"reduce-{r}", dest)
+        if crc is not None and await asyncio.to_thread(crc32_file, dest) != crc:
+            raise Damaged(f"{holder}'s output of reduce {r} is damaged (CRC mismatch)")
         return dest
 
-    async def _replicate(self, job_id: str, path: Path, prefer: str) -> list[str]:
-        """Store a second copy of the result on another member (a live one; the job's gateway first)."""
+    async def _replicate(self, job_id: str, path: Path, prefer: str, sha256: str = "") -> list[str]:
+        """Store a second copy of the result on another member (a live one; the job's gateway
+        first), which checks it against ``sha256`` before keeping it."""
         c = self.node.consensus
         assert c is not None
         now = time.monotonic()
@@ -500,7 +564,9 @@ class Master:
             if self.health(member.name, now)[0] not in ("alive", "suspected"):
                 continue
             try:
-                await self.node.push_file(member.data_addr, {"t": "store_file", "job": job_id, "name": "result"}, path)
+                await self.node.push_file(member.data_addr, {"t": "store_file", "job": job_id, "name": "result",
+                                                             "sha256": sha256 or await asyncio.to_thread(sha256_file, path)},
+                                          path)
                 return [member.name]
             except (PdpError, OSError) as exc:
                 log.warning("could not store a copy of %s's result on %s: %s", job_id, member.name, exc)

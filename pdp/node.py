@@ -5,6 +5,12 @@ and outbound connections (:mod:`pdp.transport`), the spool, the task pool — an
 three roles every node has: gateway for clients (:mod:`pdp.gateway`), worker
 (:mod:`pdp.worker`), and, while it leads the Raft group, master (:mod:`pdp.master`).
 
+Who may call what is decided here for every connection: the peer's proven certificate is
+looked up in the replicated identities (:meth:`Node.resolve`, :mod:`pdp.authz`); the
+listener's trust store is rebuilt when they change, and connections of revoked identities
+are closed at once. Raft travels over the same port (:mod:`pdp.raftlink`); proposals from
+members that do not lead reach the master over a ``propose`` request it authorizes.
+
 It also owns what outlives single requests: the owner's limits around every task call
 (:func:`pdp.limits.run_limited`), reloading the config file on SIGHUP or ``pdp reload``,
 and the spool janitor that deletes the files of jobs that have ended.
@@ -16,12 +22,12 @@ import asyncio
 import contextlib
 import faulthandler
 import functools
-import json
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -29,21 +35,33 @@ from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any
 
-from pdp import mapoutput, wire
-from pdp.config import NodeConfig, changed_settings, load_key
+import msgpack
+
+from pdp import authz, mapoutput, tls
+from pdp.config import NodeConfig, changed_settings
 from pdp.consensus import Consensus, ConsensusError
 from pdp.errors import AuthError, PdpError
-from pdp.fsutil import atomic_write
+from pdp.fsutil import sums_path, check_range, check_sha256
 from pdp.limits import format_size, run_limited
 from pdp.state import ACTIVE
 from pdp.split import aligned_bounds
 from pdp.spool import Spool
 from pdp.streams import recv_file, recv_parts, send_file, send_parts
-from pdp.transport import Connection, Handler, Peers, Stream, accept, raft_addr_of, split_addr
+from pdp.identity import load_node_identity, token_hash, verify
+from pdp.partyfile import PartyFile
+from pdp.raftlink import RaftLink
+from pdp.transport import ANONYMOUS, Connection, Handler, Peer, Peers, Stream, accept, split_addr
 
 log = logging.getLogger("pdp.node")
 
 MAX_CONNECTIONS_PER_HOST = 64
+MAX_CONNECTIONS = 1024  # open connections in all
+# what a member that does not lead may ask the master to commit (orders come from the master alone)
+FORWARDABLE = frozenset({"member", "submit", "cancel", "token", "withdraw", "join", "revoke", "rekey", "leave",
+                         "add_holder"})
+OWN_NAME_OPS = frozenset({"member", "leave"})  # ... of these only about the asking member itself
+# ... and these only with the signature of who asked (a relaying member cannot forge them): op -> request
+SIGNED_OPS = {"token": "invite", "withdraw": "withdraw", "revoke": "uninvite", "rekey": "rekey"}
 MAX_FILES_PER_FETCH = 1024
 JANITOR_EVERY = 10.0  # seconds between sweeps of the spool for files of ended jobs
 
@@ -93,10 +111,14 @@ class Node:
         self.config = config
         self._load_config = reload
         self.name = config.name
-        self.key = load_key(config.key_file)
+        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.ident = load_node_identity(config.data_dir, config.name, create=False)
+        self.party = PartyFile.load(config.data_dir)
         self.spool = Spool(config.data_dir / "spool")
         self.changes = Changes()
-        self.peers = Peers(self.key, self.name)
+        self.peers = Peers(self.ident, self.pins)
+        self.trusted: frozenset[str] = frozenset()  # fingerprints in the current TLS trust store
+        self.tls_ctx = tls.server_context(self.ident, [r["cert"] for r in self.party.known.values()])
         self.connections: set[Connection] = set()
         self.per_host: dict[str, int] = {}  # open data-plane connections (and handshakes) per peer host
         self.handlers: dict[str, Handler] = {}
@@ -120,36 +142,40 @@ class Node:
         self.pool = new_pool(cfg.cpus)
         self.master, self.worker, self.gateway = Master(self), Worker(self), Gateway(self)
         self.handlers["party_info"] = self._party_info
+        self.voter, core = await self._find_role()
+        self.raft = RaftLink(self.peers, self.raft_id, self.name, self.voter)
+        self.raft.on_shunned = self._shunned
+        self.peers.oneway = self.raft.on_frame
         host, port = split_addr(cfg.listen)
-        server = await asyncio.start_server(self._on_connect, host, port)
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_tls_errors)
+        try:
+            server = await asyncio.start_server(self._on_connect, host, port, ssl_handshake_timeout=10.0,
+                                                ssl=tls.listening_context(self.ident, lambda: self.tls_ctx))
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", cfg.listen, exc)
+            _stop_pool(self.pool)
+            return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
-        try:
-            self.voter, core = await self._find_role()
-        except PdpError as exc:
-            log.error("cannot join the party: %s", exc)
-            server.close()
-            _stop_pool(self.pool)
-            return 1
         (cfg.data_dir / "raft").mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.data_dir / "raft", 0o700)  # the journal holds the party's state and invitations
-        self.consensus = Consensus(
-            cfg.raft_addr if self.voter else None, core, wire.derive(self.key, "raft").hex(), cfg.data_dir / "raft",
-            cfg.listen.rsplit(":", 1)[0], self._on_change,
-        )
+        self.consensus = Consensus(cfg.raft_addr if self.voter else None, core, self.raft, cfg.data_dir / "raft",
+                                   self._on_change)
         self.handlers.update({"fetch_range": self._fetch_range, "fetch_file": self._fetch_file,
                               "fetch_parts": self._fetch_parts,
                               "store_file": self._store_file, "store_input": self._store_input,
-                              "become": self._become, "reload": self._reload})
+                              "become": self._become, "reload": self._reload, "propose": self._propose})
         for part in (self.master, self.worker, self.gateway):
             clash = set(part.handlers()) & set(self.handlers)
             assert not clash, f"request types handled twice: {clash}"
             self.handlers.update(part.handlers())
-        log.info("node %s listening on %s (advertised %s), %s, core %s, %d task slot(s)", self.name, cfg.listen,
-                 cfg.advertise_addr, f"Raft voter at {cfg.raft_addr}" if self.voter else "worker (no Raft seat)",
-                 ", ".join(core), cfg.cpus)
+        missing = set(self.handlers) - set(authz.REQUIRED)
+        assert not missing, f"request types without an authorization rule: {missing}"
+        log.info("node %s (id %s) listening on %s (advertised %s), %s, core %s, %d task slot(s)", self.name,
+                 self.ident.display, cfg.listen, cfg.advertise_addr,
+                 "Raft voter" if self.voter else "worker (no Raft seat)", ", ".join(core), cfg.cpus)
         self.tasks = [
             asyncio.create_task(self._register()),
             asyncio.create_task(self.master.run()),
@@ -168,6 +194,7 @@ class Node:
             for conn in list(self.connections):
                 conn.close()
             self.peers.close()
+            self.raft.close()
             _stop_pool(self.pool)
             if self.consensus is not None:
                 self.consensus.close()
@@ -175,14 +202,16 @@ class Node:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host = str((writer.get_extra_info("peername") or ("?",))[0])
-        if self.per_host.get(host, 0) >= MAX_CONNECTIONS_PER_HOST:
-            log.warning("refused a connection from %s: already %d open from there", host, MAX_CONNECTIONS_PER_HOST)
+        if self.per_host.get(host, 0) >= MAX_CONNECTIONS_PER_HOST or sum(self.per_host.values()) >= MAX_CONNECTIONS:
+            log.warning("refused a connection from %s: too many open (%d from there, %d in all)", host,
+                        self.per_host.get(host, 0), sum(self.per_host.values()))
             writer.close()
             return
         self.per_host[host] = self.per_host.get(host, 0) + 1
         conn = None
         try:
-            conn = await accept(reader, writer, self.key, self.name, self.handlers, self._admit)
+            conn = await accept(reader, writer, self.name, self.resolve, self.handlers, self.authorize,
+                                self.raft.on_frame)
             if conn is None or conn.reader_task is None:
                 return
             self.connections.add(conn)
@@ -197,24 +226,16 @@ class Node:
                 del self.per_host[host]
 
     async def _find_role(self) -> tuple[bool, list[str]]:
-        """(voter?, the core's Raft addresses): from a running party if a peer answers,
-        else from this node's last run, else a new party of this node and its peers."""
-        cfg = self.config
-        saved_file = cfg.data_dir / "party.json"
-        saved = json.loads(saved_file.read_text()) if saved_file.exists() else None
-        info = await self._ask_party()
+        """(voter?, the core's Raft ids): from a member that answers (the core may have
+        changed while this node was away), else from this node's party file."""
+        info = await self._ask_party() if self.config.peers else None
         if info is not None:
-            voter, core = cfg.raft_addr in info["core"], sorted(info["core"])
-        elif saved is not None:
-            voter, core = bool(saved["voter"]), sorted(saved["core"])
-        else:
-            voter, core = True, sorted({cfg.raft_addr} | {raft_addr_of(p) for p in cfg.peers})
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(saved_file, json.dumps({"voter": voter, "core": core}).encode(), mode=0o600)
-        return voter, core
+            self.party.voter, self.party.core = self.config.raft_addr in info["core"], sorted(info["core"])
+            self.party.save()
+        return self.party.voter, sorted(self.party.core)
 
-    async def _ask_party(self, patience: float = 30.0) -> dict[str, Any] | None:
-        """What a peer knows of the party: None if no peer runs one yet (a new party)."""
+    async def _ask_party(self, patience: float = 10.0) -> dict[str, Any] | None:
+        """What a peer knows of the party: None if none answers with a master."""
         deadline = time.monotonic() + patience
         while True:
             answers = []
@@ -230,7 +251,7 @@ class Node:
             if led:
                 return led[0]
             if not any(a.get("members") for a in answers) or time.monotonic() > deadline:
-                return None  # nobody up, or everyone new: found the party
+                return None  # nobody up, or everyone new: the party file knows
             await asyncio.sleep(0.5)  # a party exists but is electing: wait for its master
 
     async def _party_info(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
@@ -243,9 +264,8 @@ class Node:
         await stream.send({"t": "party", "master": master, "core": c.voters(), "members": members})
 
     async def _become(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
-        """The master changed this member's Raft seat: follow the log as a voter or a worker."""
-        if stream.conn.peer_name != self.master_addr_name():
-            raise PdpError("only the master changes the core")
+        """The master changed this member's Raft seat: follow the log as a voter or a worker
+        (only the master of the current term may ask: :mod:`pdp.authz`)."""
         await self.switch_role(bool(hdr["voter"]), sorted(str(a) for a in hdr["core"]))
         await stream.send({"t": "ok"})
 
@@ -263,43 +283,96 @@ class Node:
         if not voter:  # a former voter's journal no longer matches the core: start clean
             for f in ("raft.journal", "raft.journal.meta", "raft.dump"):
                 (cfg.data_dir / "raft" / f).unlink(missing_ok=True)
-        self.voter = voter
-        atomic_write(cfg.data_dir / "party.json", json.dumps({"voter": voter, "core": core}).encode(), mode=0o600)
-        self.consensus = Consensus(cfg.raft_addr if voter else None, core, wire.derive(self.key, "raft").hex(),
-                                   cfg.data_dir / "raft", cfg.listen.rsplit(":", 1)[0], self._on_change)
+        self.voter = self.raft.voter = voter
+        self.peers.close_purpose("raft")  # redialed as a voter's links, or as a follower's
+        self.party.voter, self.party.core = voter, core
+        self.party.save()
+        self.consensus = Consensus(cfg.raft_addr if voter else None, core, self.raft, cfg.data_dir / "raft",
+                                   self._on_change)
         log.warning("%s is now %s; core %s", self.name, "a Raft voter" if voter else "a worker (no Raft seat)",
                     ", ".join(core))
         self.registered.clear()
         self.tasks.append(asyncio.create_task(self._register()))
 
-    def _admit(self, name: str, role: str) -> str | None:
-        """Only invited nodes talk to members (clients need just the secret)."""
+    # -- who is who -------------------------------------------------------------------------
+
+    def _identities(self) -> dict[str, dict[str, Any]]:
+        """The party's identities: the replicated list once it has any, else the party file's."""
         c = self.consensus
-        if role != "node" or c is None:
-            return None
-        with c.reading() as state:
-            if state.admitted(name):
-                return None
-        return f"{name} is not invited to this party: a member must first run `pdp invite {name}`"
+        if c is not None:
+            with c.reading() as state:
+                if state.identities:
+                    return dict(state.identities)
+        return self.party.known
+
+    def resolve(self, fp: str | None) -> Peer | str:
+        """Who the proven certificate ``fp`` is, or why it may not come in."""
+        if fp is None:
+            return ANONYMOUS
+        record = self._identities().get(fp)
+        if record is None:
+            return "this identity is not a member of the party (never joined, or revoked)"
+        return Peer(fp, str(record["name"]), str(record["kind"]), bool(record.get("admin")))
+
+    def authorize(self, conn: Connection, kind: str) -> None:
+        if conn.who.fp is not None and conn.who.fp not in self._identities():
+            conn.close()  # revoked while connected
+            raise authz.Forbidden("this identity was revoked")
+        authz.check(conn.who, kind, is_master=conn.who.name == self.master_addr_name())
+
+    def pins(self, addr: str) -> set[str]:
+        """The fingerprint(s) the member node at ``addr`` must prove (any member node's if
+        the address is not one this node knows)."""
+        ids = self._identities()
+        nodes = {fp for fp, r in ids.items() if r["kind"] == "node"}
+        c = self.consensus
+        name = next((r["name"] for r in ids.values() if r.get("addr") == addr and r["kind"] == "node"), None)
+        if c is not None:
+            with c.reading() as state:
+                name = next((m.name for m in state.members.values() if m.data_addr == addr), name)
+        own = {fp for fp in nodes if ids[fp]["name"] == name} if name else set()
+        return own or nodes
+
+    def raft_id(self, name: str) -> str | None:
+        """A member node's Raft id (its data address), from its proven name."""
+        c = self.consensus
+        if c is not None:
+            with c.reading() as state:
+                member = state.members.get(name)
+                if member is not None:
+                    return member.data_addr
+        return next((r.get("addr") or None for r in self._identities().values()
+                     if r["name"] == name and r["kind"] == "node" and r.get("addr")), None)
+
+    def _shunned(self, why: str) -> None:
+        if not self.stopping.is_set():
+            log.error("this node's identity was revoked: every core member refuses it (%s); stopping", why)
+            self.exit_code = 1
+            self.stopping.set()
 
     def _on_change(self) -> None:
         self.changes.notify()
-        self._enforce_invitations()
+        self._enforce_identities()
 
-    def _enforce_invitations(self) -> None:
-        """Cut off members whose invitation was withdrawn; stop if it was this one's."""
-        c = self.consensus
-        if c is None:
+    def _enforce_identities(self) -> None:
+        """Follow the replicated identities: a new trust store when they change, and the
+        connections of revoked ones closed at once (this node stops if it was revoked)."""
+        ids = self._identities()
+        fps = frozenset(ids)
+        if fps == self.trusted:
             return
-        with c.reading() as state:
-            self.seen_members |= set(state.invited) | set(state.members)
-            withdrawn = {name for name in self.seen_members if not state.admitted(name)}
+        gone = self.trusted - fps
+        self.trusted = fps
+        self.tls_ctx = tls.server_context(self.ident, [r["cert"] for r in ids.values()])
+        if not gone:
+            return
         for conn in list(self.connections):
-            if conn.peer_role == "node" and conn.peer_name in withdrawn:
-                log.warning("disconnected %s: its invitation was withdrawn", conn.peer_name)
+            if conn.who.fp in gone:
+                log.warning("disconnected %s: its identity was revoked", conn.who.label)
                 conn.close()
-        if self.registered.is_set() and not self.voter and self.name in withdrawn:
-            log.error("this node's invitation to the party was withdrawn; stopping")
+        self.peers.drop(set(gone))
+        if self.ident.fp in gone and self.registered.is_set():
+            log.error("this node's identity was revoked from the party; stopping")
             self.exit_code = 1
             self.stopping.set()
 
@@ -326,8 +399,62 @@ class Node:
     # -- shared helpers -----------------------------------------------------------------
 
     async def propose(self, cmd: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-        assert self.consensus is not None
-        return await self.consensus.propose(cmd, timeout)
+        """Commit ``cmd``: here if this node leads, else through the master (``propose``)."""
+        c = self.consensus
+        assert c is not None
+        if c.is_leader() or str(cmd.get("op")) not in FORWARDABLE:
+            return await c.propose(_sealed_join(cmd), timeout)
+        master = self.master_addr()
+        if master is None or master[0] == self.name:
+            raise ConsensusError("no master yet")
+        try:
+            frame = await self.peers.request(master[1], {"t": "propose"}, msgpack.packb(cmd), timeout=timeout)
+        except (PdpError, OSError) as exc:
+            raise ConsensusError(f"the master did not answer: {exc}") from None
+        return dict(msgpack.unpackb(frame.payload))
+
+    async def _propose(self, stream: Stream, hdr: dict[str, Any], payload: bytes) -> None:
+        """A member asks the master to commit a command it may propose (never an order)."""
+        c = self.consensus
+        if c is None or not self.master.is_master():
+            raise PdpError(f"{self.name} is not the master")
+        cmd = msgpack.unpackb(payload)
+        op = cmd.get("op") if isinstance(cmd, dict) else None
+        if op not in FORWARDABLE:
+            raise authz.Forbidden(f"forbidden: a member may not propose {op!r}")
+        if op in OWN_NAME_OPS and cmd.get("name") != stream.conn.who.name:
+            raise authz.Forbidden(f"forbidden: {stream.conn.who.name} may not propose {op!r} for {cmd.get('name')!r}")
+        if op in SIGNED_OPS:
+            self._check_signed(cmd)
+        res = await c.propose(_sealed_join(cmd), timeout=5.0)
+        await stream.send({"t": "proposed"}, msgpack.packb(res))
+
+    def _check_signed(self, cmd: dict[str, Any]) -> None:
+        """A relayed identity change carries the signature of who asked for it: an admin (or,
+        for a new key, the identity itself), over the same request."""
+        auth: dict[str, Any] = cmd["auth"] if isinstance(cmd.get("auth"), dict) else {}
+        record = self._identities().get(str(auth.get("fp")))
+        if record is None:
+            raise authz.Forbidden(f"forbidden: {cmd['op']!r} is not signed by an identity of the party")
+        try:
+            body = verify(auth, record["cert"], time.time())
+        except PdpError as exc:
+            raise authz.Forbidden(f"forbidden: {exc}") from None
+        if body.get("t") != SIGNED_OPS[cmd["op"]]:
+            raise authz.Forbidden(f"forbidden: the signature is for {body.get('t')!r}, not {cmd['op']!r}")
+        if cmd["op"] == "rekey":
+            if auth["fp"] != cmd.get("old_fp") or record["name"] != cmd.get("name") \
+                    or body.get("cert_fp") != cmd.get("fp"):
+                raise authz.Forbidden("forbidden: only an identity itself may replace its key")
+            return
+        if not record.get("admin") or body.get("name") != cmd.get("name"):
+            raise authz.Forbidden("forbidden: not signed by an admin for this name")
+        if cmd["op"] == "token" and ("user" if body.get("user") else "node") != cmd.get("kind"):
+            raise authz.Forbidden("forbidden: the signed invitation is for another kind")
+
+    def whoami(self, stream: Stream) -> dict[str, Any]:
+        who = stream.conn.who
+        return {"name": who.name, "kind": who.kind, "admin": who.admin, "fp": who.fp}
 
     def master_addr(self) -> tuple[str, str] | None:
         """(name, data address) of the current master, if one has committed its term."""
@@ -420,6 +547,7 @@ class Node:
                 if path.exists():
                     path.unlink(missing_ok=True)
                     freed += 1
+                sums_path(path).unlink(missing_ok=True)  # its block checksums go with it
             folder = self.spool.root / "jobs" / job_id
             if not folder.is_dir():
                 continue
@@ -442,9 +570,12 @@ class Node:
         path = self.spool.input(str(hdr["file"]))
         if not path.exists():
             raise PdpError(f"{self.name} does not hold input {hdr['file']}")
-        size = path.stat().st_size
+        size, start = path.stat().st_size, int(hdr["start"])
         with open(path, "rb") as f:
-            a, b = aligned_bounds(f, int(hdr["start"]), int(hdr["end"]), size)
+            a, b = aligned_bounds(f, start, int(hdr["end"]), size)
+        # the bytes read to find the line starts must be intact too (send_file checks [a, b))
+        if not check_range(path, max(0, start - 1), a + 1):
+            log.warning("input %s has no block checksums here: sent unchecked", hdr["file"])
         await stream.send({"t": "range", "a": a, "b": b})
         await send_file(stream, path, a, b)
 
@@ -452,18 +583,29 @@ class Node:
         path = self.spool.file(str(hdr["job"]), str(hdr["name"]))
         if not path.exists():
             raise PdpError(f"{self.name} has no {hdr['name']} for job {hdr['job']}")
+        if hdr["name"] == "result":  # check the copy against the log before a byte leaves
+            assert self.consensus is not None
+            with self.consensus.reading() as state:
+                job = state.jobs.get(str(hdr["job"]))
+                digest = str(job.result.get("sha256", "")) if job is not None else ""
+            if digest:
+                await asyncio.to_thread(check_sha256, path, digest, f"{self.name}'s copy of the result of {hdr['job']}")
         await send_file(stream, path)
 
     async def _fetch_parts(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """Send one reduce partition of several map outputs on one stream (for a reducer)."""
         maps = [int(m) for m in hdr["maps"]][:MAX_FILES_PER_FETCH]
         job_id, r = str(hdr["job"]), int(hdr["partition"])
-        await send_parts(stream, [(m, functools.partial(mapoutput.read, str(self.spool.file(job_id, f"map-{m}")), r))
-                                  for m in maps])
+        await send_parts(stream, [(m, functools.partial(mapoutput.read_part, str(self.spool.file(job_id, f"map-{m}")),
+                                                        r)) for m in maps])
 
     async def _store_file(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
-        """Keep a copy of a job file another member sends (a result's second copy)."""
-        size = await recv_file(stream, self.spool.file(str(hdr["job"]), str(hdr["name"])))
+        """Keep a copy of a job file another member sends (a result's second copy, checked
+        against the SHA-256 the sender recorded: nothing damaged is stored)."""
+        digest = str(hdr.get("sha256") or "")
+        if hdr["name"] == "result" and not digest:
+            raise PdpError("a copy of a result needs its sha256")
+        size = await recv_file(stream, self.spool.file(str(hdr["job"]), str(hdr["name"])), sha256=digest or None)
         await stream.send({"t": "stored", "size": size})
 
     def spool_full(self, adding: int) -> str:
@@ -482,7 +624,7 @@ class Node:
         full = self.spool_full(int(hdr.get("size", 0)))
         if full:
             raise PdpError(full)
-        size = await recv_file(stream, self.spool.input(str(hdr["file"])), timeout=60.0)
+        size = await recv_file(stream, self.spool.input(str(hdr["file"])), timeout=60.0, sums=True)
         await stream.send({"t": "stored", "size": size})
 
     # -- outbound file transfers ------------------------------------------------------------
@@ -520,6 +662,29 @@ class Node:
             return int(reply.header.get("size", 0))
         finally:
             stream.close()
+
+
+def _sealed_join(cmd: dict[str, Any]) -> dict[str, Any]:
+    """A join travels with its secret to the master, which keeps only the secret's hash (so a
+    member that reads the pending invitations' hashes in the log still cannot redeem them)."""
+    if cmd.get("op") != "join":
+        return cmd
+    secret = cmd.get("secret")
+    sealed = {k: v for k, v in cmd.items() if k != "secret"}
+    sealed["token_hash"] = token_hash(secret) if isinstance(secret, str) else ""
+    return sealed
+
+
+def _quiet_tls_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A TLS handshake refused (an unknown certificate, a port scan) is one log line, not a traceback."""
+    exc = context.get("exception")
+    if isinstance(exc, (ssl.SSLError, ConnectionError, OSError)):
+        peer = context.get("transport")
+        where = getattr(peer, "get_extra_info", lambda _k: None)("peername") if peer is not None else None
+        log.warning("refused a TLS connection%s: %s", f" from {where[0]}:{where[1]}" if where else "",
+                    getattr(exc, "reason", None) or exc)
+        return
+    loop.default_exception_handler(context)
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:

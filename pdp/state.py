@@ -1,9 +1,21 @@
 """The replicated state machine: members, the master's term, jobs and their tasks.
 
-Pure and deterministic: ``State.apply(cmd)`` takes a plain dict command (only ints, floats,
-strings, bytes, lists and dicts: it travels through the Raft log) and returns a result dict.
-It never raises, never reads a clock, random source, file or socket: times and ids come in
-as arguments, so every member that applies the same log reaches the same state.
+Pure and deterministic: ``State.apply(cmd)`` takes a plain dict command (only None, bools,
+ints, floats, strings, lists, tuples and dicts with string keys; never bytes: it travels
+through the Raft log, whose pickled entries may hold plain values only) and returns a
+result dict. It never raises, never reads a clock, random source, file or socket: times and
+ids come in as arguments, so every member that applies the same log reaches the same state.
+A refused command changes nothing: every handler checks all of its command before it
+changes anything.
+
+Authority: an order comes from the master of the current term; a completion is accepted
+only for an attempt that runs on the member reporting it (the master passes the name the
+worker proved); a submission stays within caps (inputs, sizes, map count, names).
+
+Identity (``identities``, ``tokens``): every member and user has a key, registered by its
+certificate's fingerprint (SHA-256 of the DER, lower-case hex: :func:`cert_fingerprint`).
+The first ones come from ``genesis``; later ones join with a one-time, expiring invitation
+(``token`` records only the SHA-256 of its secret; ``join`` spends it).
 
 A job is split at submission into map tasks (line-aligned byte ranges of its inputs, the
 alignment itself happens where the bytes are) and ``n_reduce`` reduce tasks. Phases::
@@ -22,6 +34,11 @@ average throughput): the scheduler scores members from it.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +51,31 @@ ACTIVE = ("queued", "mapping", "reducing", "assembling")
 MAX_ERROR = 2000
 RATE_MIN_BYTES = 64 * 1024  # tasks smaller than this say more about overheads than speed
 RATE_WEIGHT = 0.3  # weight of the newest task in a member's average throughput
+
+# Caps of a submission (the gateway stays inside them: chunks of at least 4 KiB, grown so
+# that a job never has more than MAX_MAPS maps).
+MAX_INPUTS = 1000
+MAX_INPUT_SIZE = 1 << 40  # 1 TiB per input
+MAX_CHUNK = 1 << 40
+MAX_MAPS = 100_000
+MAX_REDUCES = 64
+MAX_INPUT_NAME = 4096
+MAX_HOLDERS = 16
+MAX_PRIORITY = 100  # priorities are clamped to [-MAX_PRIORITY, MAX_PRIORITY]
+FORM_STRING_CAPS = {"comment": 2000, "submitter": 200, "data_type": 200}  # others: MAX_INPUT_NAME
+MAX_FORM_KEYS = 32
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # fullmatch; ".." is refused too
+FILE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+KIND = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+# Identities and invitations.
+HEX64 = re.compile(r"[0-9a-f]{64}")  # a SHA-256, lower-case hex (fingerprints, token hashes)
+MAX_CERT = 16 * 1024  # characters of a PEM certificate
+MAX_TOKEN_TTL = 30 * 86400.0  # an invitation expires at most this long after it was made
+MAX_GENESIS = 64  # nodes, and users, named at genesis
+KINDS = ("node", "user")
+MAX_DEPTH = 16  # nesting of lists and dicts in a command (a batch of orders needs 4)
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
 
 
 @dataclass
@@ -61,10 +103,11 @@ class Task:
     stats: dict[str, Any] = field(default_factory=dict)
     runs: dict[int, str] = field(default_factory=dict)  # running attempts: attempt -> node (2 with a backup)
     failed_on: list[str] = field(default_factory=list)  # members where an attempt failed (tried last there)
+    given_up: dict[int, str] = field(default_factory=dict)  # stalled attempts given up on that may still finish
 
     def __setstate__(self, data: dict[str, Any]) -> None:
         """Dumps written before a field existed load with its default."""
-        self.runs, self.failed_on = {}, []
+        self.runs, self.failed_on, self.given_up = {}, [], {}
         self.__dict__.update(data)
         if self.state == "running" and not self.runs:
             self.runs = {self.attempt: self.node}
@@ -124,6 +167,13 @@ class Job:
     def tasks(self, phase: str) -> list[Task]:
         return self.maps if phase == "map" else self.reduces
 
+    def same_submission(self, kind: str, inputs: list[dict[str, Any]], submitter: str) -> bool:
+        """Is a submit of ``kind`` with these inputs (names and sizes) by ``submitter`` a retry
+        of this job? A job id used again for anything else is refused, not a duplicate."""
+        return (self.kind == kind and self.submitter == submitter
+                and [(i.get("name"), i.get("size")) for i in self.inputs] == [(i.get("name"), i.get("size"))
+                                                                              for i in inputs])
+
     def counts(self) -> dict[str, int]:
         return {
             "maps": len(self.maps),
@@ -137,6 +187,109 @@ def _err(message: str, **extra: Any) -> Result:
     return {"ok": False, "error": message, **extra}
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def plain(value: Any, depth: int = 0) -> bool:
+    """Only None, bool, int, float, str, and lists, tuples and dicts (string keys) of them,
+    nested at most MAX_DEPTH deep: what a pickled Raft entry may hold. Exact types (a
+    subclass pickles as its own class)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if depth >= MAX_DEPTH:
+        return False
+    if kind is list or kind is tuple:
+        return all(plain(v, depth + 1) for v in value)
+    if kind is dict:
+        return all(type(k) is str and plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _int(value: Any, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def valid_name(name: Any) -> bool:
+    """A member's or user's name: 1-64 printable characters, no spaces."""
+    return (type(name) is str and 0 < len(name) <= 64 and name.isprintable()
+            and not any(ch.isspace() for ch in name))
+
+
+def valid_job_id(job_id: Any) -> bool:
+    return type(job_id) is str and JOB_ID.fullmatch(job_id) is not None and ".." not in job_id
+
+
+def cert_fingerprint(pem: Any) -> str | None:
+    """SHA-256 (lower-case hex) of the DER bytes of one PEM certificate, or None when
+    ``pem`` is not one (``ssl.PEM_cert_to_DER_cert`` + ``hashlib.sha256`` give the same)."""
+    if type(pem) is not str or len(pem) > MAX_CERT:
+        return None
+    match = _PEM_CERT.fullmatch(pem.strip())
+    if match is None:
+        return None
+    try:
+        der = base64.b64decode("".join(match.group(1).split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) < 16 or der[0] != 0x30:  # a DER SEQUENCE
+        return None
+    return hashlib.sha256(der).hexdigest()
+
+
+def _check_form(form: Any) -> str | None:
+    """What is wrong with a job's form (None: nothing). Plain values, capped strings."""
+    if type(form) is not dict:
+        return "the job form must be a dict"
+    if len(form) > MAX_FORM_KEYS:
+        return f"the job form has more than {MAX_FORM_KEYS} fields"
+    for key, value in form.items():
+        if type(key) is not str or not 0 < len(key) <= 64:
+            return f"bad form field name {str(key)[:80]!r}"
+        cap = FORM_STRING_CAPS.get(key, MAX_INPUT_NAME)
+        values = value if type(value) in (list, tuple) else [value]
+        if len(values) > MAX_INPUTS:
+            return f"form field {key!r} has more than {MAX_INPUTS} values"
+        for v in values:
+            if type(v) not in _SCALARS:
+                return f"form field {key!r} holds a {type(v).__name__}: only strings and numbers"
+            if type(v) is str and len(v) > cap:
+                return f"form field {key!r} is longer than {cap} characters"
+            if type(v) is float and not math.isfinite(v):
+                return f"form field {key!r} is not a finite number"
+    return None
+
+
+def _check_inputs(inputs: Any) -> tuple[list[dict[str, Any]], str | None]:
+    """A copy of a submission's inputs, or what is wrong with them."""
+    if type(inputs) is not list:
+        return [], "inputs must be a list"
+    if len(inputs) > MAX_INPUTS:
+        return [], f"a job takes at most {MAX_INPUTS} inputs"
+    out = []
+    for k, inp in enumerate(inputs):
+        if type(inp) is not dict:
+            return [], f"input {k} is not a dict"
+        name, size, file_id = inp.get("name"), inp.get("size"), inp.get("file_id")
+        holders = inp.get("holders")
+        holders = [] if holders is None else holders
+        if type(name) is not str or len(name) > MAX_INPUT_NAME:
+            return [], f"input {k}: the name must be a string of at most {MAX_INPUT_NAME} characters"
+        if not _int(size, 0, MAX_INPUT_SIZE):
+            return [], f"input {k}: the size must be a whole number of bytes from 0 to {MAX_INPUT_SIZE} (1 TiB)"
+        if type(file_id) is not str or FILE_ID.fullmatch(file_id) is None or ".." in file_id:
+            return [], f"input {k}: bad file id {str(file_id)[:140]!r}"
+        if type(holders) not in (list, tuple) or len(holders) > MAX_HOLDERS \
+                or not all(valid_name(h) for h in holders):
+            return [], f"input {k}: holders must be at most {MAX_HOLDERS} member names"
+        out.append({**inp, "holders": list(holders)})
+    return out, None
+
+
 class State:
     """Everything the party agrees on. Mutated only through :meth:`apply`."""
 
@@ -148,6 +301,10 @@ class State:
         self.applied = 0
         self.invited: dict[str, dict[str, Any]] = {}  # name -> {"by", "at"}: who may join as a member
         self.records: dict[str, Record] = {}  # member name -> what it did (kept when it leaves)
+        # fingerprint -> {"name", "kind": "node"|"user", "admin", "cert" (PEM), "at", "by", "addr"}
+        self.identities: dict[str, dict[str, Any]] = {}
+        # name -> pending invitation {"kind", "token_hash", "expires", "by", "at"} (one per name)
+        self.tokens: dict[str, dict[str, Any]] = {}
 
     def __setstate__(self, data: dict[str, Any]) -> None:
         """Dumps written before a field existed load with its default."""
@@ -164,6 +321,9 @@ class State:
             handler = _HANDLERS.get(op) if isinstance(op, str) else None
             if handler is None:
                 return _err(f"unknown command {op!r}")
+            if not plain(cmd):
+                return _err(f"command {op!r} holds something other than plain values (bytes, objects, "
+                            f"or nesting deeper than {MAX_DEPTH})", bad_request=True)
             return handler(self, cmd)
         except Exception as exc:  # a bug must not stop the log: report it as a value
             return _err(f"internal error applying {cmd.get('op')!r}: {type(exc).__name__}: {exc}")
@@ -194,17 +354,194 @@ class State:
         return {"ok": True}
 
     def _uninvite(self, c: Cmd) -> Result:
-        """Withdraw an invitation: the member is removed and its work runs elsewhere."""
-        name = str(c["name"])
+        """Withdraw an invitation: the member is removed and its work runs elsewhere (its
+        keys, if it has identities, stop working too: like ``revoke``)."""
+        name, term = str(c["name"]), int(c["term"])
+        if name not in self.invited:
+            member = self.members.get(name)
+            if member is not None and member.voter:
+                return _err(f"{name} is a core (Raft) member: run `pdp core remove {name}` first")
+            return _err(f"{name} is not invited")
+        return self._drop_name(name, term, c.get("now", 0.0))
+
+    def _drop_name(self, name: str, term: int | None, now: Any) -> Result:
+        """Remove everything ``name`` may use: its identities, pending invitation, invitation
+        and membership; its running work goes back to the queue when ``term`` is the current
+        master's. Refused (nothing changes) for a core voter or the last admin."""
         member = self.members.get(name)
         if member is not None and member.voter:
-            return _err(f"{name} is a core (Raft) member: run `pdp core remove {name}` first")
-        if name not in self.invited:
-            return _err(f"{name} is not invited")
-        del self.invited[name]
+            return _err(f"{name} is a core (Raft) member: run `pdp core remove {name}` first", core=True)
+        fps = self.fingerprints_of(name)
+        if any(self.identities[fp]["admin"] for fp in fps) and not any(
+                rec["admin"] and rec["name"] != name for rec in self.identities.values()):
+            return _err(f"{name} is the party's last admin: make another admin first", last_admin=True)
+        if not _number(now):
+            now = 0.0
+        for fp in fps:
+            del self.identities[fp]
+        self.tokens.pop(name, None)
+        self.invited.pop(name, None)
         self.members.pop(name, None)
-        if int(c["term"]) == self.master["term"]:
-            self._lost({"node": name, "term": c["term"]})
+        if term is not None and term == self.master["term"]:
+            self._lost({"node": name, "term": term, "now": now})
+        return {"ok": True, "removed": len(fps)}
+
+    # -- identities and invitations ---------------------------------------------------------
+
+    def _identity_record(self, name: str, kind: str, admin: bool, cert: str, now: float, by: str,
+                         addr: str = "") -> dict[str, Any]:
+        return {"name": name, "kind": kind, "admin": admin, "cert": cert, "at": now, "by": by, "addr": addr}
+
+    def _genesis(self, c: Cmd) -> Result:
+        """The party's first identities: its first nodes and users (admins among them). Only
+        while there are none; nodes are invited (``invited``) as well."""
+        nodes, users, now = c["nodes"], c.get("users") or [], c["now"]
+        if self.identities:
+            return _err("the party already has identities: genesis happens once", exists=True)
+        if not _number(now):
+            return _err("now must be a finite number")
+        if type(nodes) is not list or not 0 < len(nodes) <= MAX_GENESIS:
+            return _err(f"genesis needs 1 to {MAX_GENESIS} nodes")
+        if type(users) is not list or len(users) > MAX_GENESIS:
+            return _err(f"genesis takes at most {MAX_GENESIS} users")
+        records: dict[str, dict[str, Any]] = {}
+        names: set[str] = set()
+        for kind, entries in (("node", nodes), ("user", users)):
+            for entry in entries:
+                if type(entry) is not dict:
+                    return _err(f"a genesis {kind} must be a dict")
+                name, fp, cert = entry.get("name"), entry.get("fp"), entry.get("cert")
+                addr, admin = entry.get("addr", ""), entry.get("admin", False)
+                if not valid_name(name):
+                    return _err(f"bad {kind} name {str(name)[:80]!r}: 1-64 printable characters without spaces")
+                if name in names:
+                    return _err(f"the name {name!r} is given twice")
+                names.add(name)
+                bad = self._check_key(fp, cert)
+                if bad:
+                    return _err(f"{kind} {name}: {bad}")
+                if fp in records:
+                    return _err(f"{kind} {name}: that key is given twice")
+                if type(addr) is not str or len(addr) > 256 or type(admin) is not bool:
+                    return _err(f"{kind} {name}: addr must be a string, admin a bool")
+                if kind == "node" and admin:
+                    return _err(f"node {name}: only users are admins")
+                records[fp] = self._identity_record(name, kind, admin, cert, float(now), "genesis", addr)
+        self.identities = records
+        for rec in records.values():
+            if rec["kind"] == "node":
+                self.invited.setdefault(rec["name"], {"by": "genesis", "at": float(now)})
+        return {"ok": True, "identities": len(records)}
+
+    def _check_key(self, fp: Any, cert: Any) -> str | None:
+        """What is wrong with a key (fingerprint and its PEM certificate), None if nothing."""
+        if type(fp) is not str or HEX64.fullmatch(fp) is None:
+            return "the fingerprint must be a SHA-256 in lower-case hex"
+        real = cert_fingerprint(cert)
+        if real is None:
+            return f"the certificate is not one PEM certificate of at most {MAX_CERT} characters"
+        if real != fp:
+            return "the certificate does not have that fingerprint"
+        return None
+
+    def _token(self, c: Cmd) -> Result:
+        """A one-time invitation for ``name``: only the SHA-256 of its secret is recorded.
+        Refused while the name has an identity or a live invitation, unless ``replace``
+        (a new secret, or another key for that name; the old secret stops working)."""
+        name, kind, token_hash, expires = c["name"], c["kind"], c["token_hash"], c["expires"]
+        by, now, replace = c["by"], c["now"], c.get("replace", False)
+        if not valid_name(name):
+            return _err(f"bad name {str(name)[:80]!r}: 1-64 printable characters without spaces")
+        if kind not in KINDS:
+            return _err(f"kind must be one of {', '.join(KINDS)}")
+        if type(token_hash) is not str or HEX64.fullmatch(token_hash) is None:
+            return _err("token_hash must be a SHA-256 in lower-case hex")
+        if type(by) is not str or not 0 < len(by) <= 200 or type(replace) is not bool:
+            return _err("by must be a name, replace a bool")
+        if not (_number(now) and _number(expires)):
+            return _err("now and expires must be finite numbers")
+        if not now < expires <= now + MAX_TOKEN_TTL:
+            return _err(f"an invitation must expire after now and within {MAX_TOKEN_TTL / 86400:.0f} days")
+        fps = self.fingerprints_of(name)
+        pending = self.tokens.get(name)
+        live = pending is not None and now <= pending["expires"]
+        if (fps or live) and not replace:
+            what = "has a key" if fps else "has a pending invitation"
+            return _err(f"{name} already {what}: ask to replace it explicitly", exists=True)
+        if fps and self.identities[fps[0]]["kind"] != kind:
+            return _err(f"{name} is a {self.identities[fps[0]]['kind']}, not a {kind}")
+        if kind == "user" and (name in self.members or name in self.invited):
+            return _err(f"{name} is the name of a member node: a user needs another name")
+        if any(t["token_hash"] == token_hash for n, t in self.tokens.items() if n != name):
+            return _err("that token is already issued for someone else")
+        self.tokens = {n: t for n, t in self.tokens.items() if now <= t["expires"] and n != name}
+        self.tokens[name] = {"kind": kind, "token_hash": token_hash, "expires": float(expires), "by": by,
+                             "at": float(now)}
+        return {"ok": True, "replaced": pending is not None}
+
+    def _withdraw(self, c: Cmd) -> Result:
+        """Withdraw a pending invitation: its secret stops working."""
+        name = c["name"]
+        if type(name) is not str or name not in self.tokens:
+            return _err(f"no pending invitation for {str(name)[:80]!r}")
+        del self.tokens[name]
+        return {"ok": True}
+
+    def _join(self, c: Cmd) -> Result:
+        """A newcomer spends an invitation: its key (``fp``, ``cert``) gets the invitation's
+        name and kind (never admin). Once: the invitation is deleted."""
+        token_hash, fp, cert, now = c["token_hash"], c["fp"], c["cert"], c["now"]
+        if type(token_hash) is not str or HEX64.fullmatch(token_hash) is None:
+            return _err("token_hash must be a SHA-256 in lower-case hex")
+        if not _number(now):
+            return _err("now must be a finite number")
+        bad = self._check_key(fp, cert)
+        if bad:
+            return _err(bad)
+        name = next((n for n, t in self.tokens.items() if t["token_hash"] == token_hash), None)
+        if name is None:
+            return _err("unknown invitation: it was never made, is used already or was withdrawn", spent=True)
+        invite = self.tokens[name]
+        if now > invite["expires"]:
+            return _err(f"the invitation for {name} has expired: ask for a new one", expired=True)
+        if fp in self.identities:
+            return _err(f"that key is registered already (as {self.identities[fp]['name']})", exists=True)
+        fps = self.fingerprints_of(name)
+        if fps and self.identities[fps[0]]["kind"] != invite["kind"]:
+            return _err(f"{name} is a {self.identities[fps[0]]['kind']}, not a {invite['kind']}")
+        self.identities[fp] = self._identity_record(name, invite["kind"], False, cert, float(now), invite["by"])
+        del self.tokens[name]
+        if invite["kind"] == "node":
+            self.invited[name] = {"by": invite["by"], "at": float(now)}
+        return {"ok": True, "name": name, "kind": invite["kind"]}
+
+    def _revoke(self, c: Cmd) -> Result:
+        """Remove every key of ``name``, its pending invitation, its invitation and its
+        membership (like ``uninvite``; with ``term``, its running work runs elsewhere)."""
+        name, term = c["name"], c.get("term")
+        if type(name) is not str:
+            return _err("name must be a string")
+        if term is not None and type(term) is not int:
+            return _err("term must be a whole number")
+        if not (self.fingerprints_of(name) or name in self.tokens or name in self.invited or name in self.members):
+            return _err(f"nobody called {name[:80]!r} has a key, an invitation or a membership")
+        return self._drop_name(name, term, c.get("now", 0.0))
+
+    def _rekey(self, c: Cmd) -> Result:
+        """Replace one key of ``name`` (``old_fp``) with a new one: the old key stops working."""
+        name, old_fp, fp, cert, now = c["name"], c["old_fp"], c["fp"], c["cert"], c.get("now")
+        rec = self.identities.get(old_fp) if type(old_fp) is str else None
+        if rec is None or rec["name"] != name:
+            return _err(f"{str(name)[:80]!r} has no key {str(old_fp)[:70]!r}")
+        bad = self._check_key(fp, cert)
+        if bad:
+            return _err(bad)
+        if fp in self.identities:
+            return _err(f"that key is registered already (as {self.identities[fp]['name']})", exists=True)
+        if now is not None and not _number(now):
+            return _err("now must be a finite number")
+        new = {**rec, "cert": cert, "at": float(now) if now is not None else rec["at"]}
+        self.identities = {(fp if k == old_fp else k): (new if k == old_fp else v) for k, v in self.identities.items()}
         return {"ok": True}
 
     def _leave(self, c: Cmd) -> Result:
@@ -242,19 +579,47 @@ class State:
         return {"ok": True}
 
     def _submit(self, c: Cmd) -> Result:
-        job_id = str(c["id"])
-        if job_id in self.jobs:
+        """Record a job and split it into tasks, within the caps (MAX_INPUTS, MAX_INPUT_SIZE,
+        MAX_MAPS, MAX_REDUCES, names). The same id again with the same kind, inputs (names,
+        sizes) and submitter is a retry (``dup``); with anything else it is refused."""
+        job_id, kind, n_reduce, chunk = c["id"], c["kind"], c["n_reduce"], c["chunk_size"]
+        priority, now, form = c.get("priority", 0), c["now"], c["form"]
+        if not valid_job_id(job_id):
+            return _err(f"bad job id {str(job_id)[:120]!r}: 1-100 letters, digits, '.', '_' and '-', "
+                        "starting with a letter or digit", bad_request=True)
+        if type(kind) is not str or KIND.fullmatch(kind) is None:
+            return _err(f"bad job kind {str(kind)[:80]!r}", bad_request=True)
+        if not _int(n_reduce, 1, MAX_REDUCES):
+            return _err(f"n_reduce must be a whole number from 1 to {MAX_REDUCES}", bad_request=True)
+        if not _int(chunk, 1, MAX_CHUNK):
+            return _err(f"chunk_size must be a whole number from 1 to {MAX_CHUNK}", bad_request=True)
+        if not _int(priority, -(1 << 62), 1 << 62):
+            return _err("priority must be a whole number", bad_request=True)
+        if not _number(now):
+            return _err("now must be a finite number", bad_request=True)
+        inputs, bad = _check_inputs(c["inputs"])
+        bad = bad or _check_form(form)
+        if bad:
+            return _err(bad, bad_request=True)
+        known = self.jobs.get(job_id)
+        if known is not None:
+            if not known.same_submission(kind, inputs, str(form.get("submitter", ""))):
+                return _err(f"job id {job_id} is already used for different inputs (or another kind or "
+                            "submitter): submit with a new id", id_taken=True)
             return {"ok": True, "dup": True, "id": job_id}
-        n_reduce, chunk = int(c["n_reduce"]), int(c["chunk_size"])
-        if n_reduce < 1 or chunk < 1:
-            return _err("n_reduce and chunk_size must be at least 1")
-        inputs = [dict(i) for i in c["inputs"]]
-        for inp in inputs:
-            inp["holders"] = [str(h) for h in inp.get("holders") or []]
-        job = Job(job_id, self.next_seq, str(c["kind"]), inputs, n_reduce, chunk, dict(c["form"]), float(c["now"]),
-                  priority=max(-100, min(100, int(c.get("priority", 0)))))
+        n_maps = sum(-(-inp["size"] // chunk) for inp in inputs)
+        if n_maps > MAX_MAPS:
+            return _err(f"the job would have {n_maps} map tasks, more than {MAX_MAPS}: use a larger chunk size",
+                        bad_request=True)
+        if self.members:  # (a state without members is only a test of placement)
+            strangers = sorted({h for inp in inputs for h in inp["holders"] if h not in self.members})
+            if strangers:
+                return _err(f"input holders {', '.join(strangers)[:300]} are not members of the party",
+                            bad_request=True)
+        job = Job(job_id, self.next_seq, kind, inputs, n_reduce, chunk, dict(form), float(now),
+                  priority=max(-MAX_PRIORITY, min(MAX_PRIORITY, priority)))
         for k, inp in enumerate(inputs):
-            for start, end in plan_ranges(int(inp["size"]), chunk):
+            for start, end in plan_ranges(inp["size"], chunk):
                 job.maps.append(Task("map", len(job.maps), input=k, start=start, end=end))
         job.reduces = [Task("reduce", r) for r in range(n_reduce)]
         self.next_seq += 1
@@ -317,9 +682,19 @@ class State:
         return {"ok": True, "attempt": task.attempt}
 
     def _complete(self, c: Cmd) -> Result:
-        stats, node, attempt = dict(c.get("stats") or {}), str(c["node"]), int(c["attempt"])
-        if not node:
+        """Attempt ``attempt`` of a task finished on ``node``, which holds its output. Accepted
+        only while that attempt runs on that node (``task.runs[attempt] == node``): a member
+        cannot report work it was not given, nor an attempt given up on (released, lost).
+        The first completion wins; the task's other attempt (a backup) is dropped. A small
+        job's single task carries the job's ``result`` (and ``now``) and ends the job."""
+        stats, node, attempt = c.get("stats") or {}, c["node"], c["attempt"]
+        result = c.get("result")
+        if type(node) is not str or not node:
             return _err("a completion must name the node holding the output")
+        if type(stats) is not dict:
+            return _err("stats must be a dict")
+        if type(attempt) is not int:
+            return _err("attempt must be a whole number")
         found = self._order_task(c)
         if isinstance(found, dict):
             return found
@@ -328,13 +703,25 @@ class State:
             return _err("already done", dup=True)
         if not 1 <= attempt <= task.attempt:
             return _err(f"attempt {attempt} of task {task.phase} {task.index} was never assigned")
-        result = c.get("result")
-        task.state, task.node, task.stats, task.runs = "done", node, stats, {}
+        runner = task.runs.get(attempt) if task.state == "running" else None
+        if runner is None and task.given_up.get(attempt) == node:
+            runner = node  # a stalled attempt given up on ran on and finished first: it still wins
+        if runner is None:
+            return _err(f"attempt {attempt} of task {task.phase} {task.index} of {job.id} is no longer running "
+                        "(given up on); its result is not taken", stale_attempt=True)
+        if runner != node:
+            return _err(f"attempt {attempt} of task {task.phase} {task.index} of {job.id} runs on {runner}, "
+                        f"not on {node}", not_yours=True)
+        whole = job.whole and task.phase == "map" and isinstance(result, dict) and bool(result.get("holders"))
+        now = c.get("now")
+        if whole and not _number(now):
+            return _err("the completion of a whole job needs now")
+        task.state, task.node, task.stats, task.runs, task.given_up = "done", node, dict(stats), {}, {}
         self._credit(node, stats)
-        if job.whole and task.phase == "map" and isinstance(result, dict) and result.get("holders"):
+        if whole:
             reduce = job.reduces[0]  # done within the same task
             reduce.state, reduce.node, reduce.attempt = "done", node, max(reduce.attempt, 1)
-            job.state, job.result, job.finished_at = "done", dict(result), float(c["now"])
+            job.state, job.result, job.finished_at = "done", dict(result), float(now)  # type: ignore[arg-type]
             return {"ok": True, "job_done": True}
         self._advance(job)
         return {"ok": True}
@@ -393,6 +780,7 @@ class State:
         """
         reason, attempt, failed = str(c["reason"])[:200], int(c["attempt"]), bool(c.get("failed"))
         max_failures, now, blame = int(c.get("max_failures", 0)), float(c["now"]), bool(c.get("blame", failed))
+        reporter = c.get("node")  # a worker's own failure report: the name it proved
         found = self._order_task(c)
         if isinstance(found, dict):
             return found
@@ -400,6 +788,9 @@ class State:
         node = task.runs.get(attempt)
         if task.state != "running" or node is None:
             return _err(f"task {task.phase} {task.index} attempt {attempt} is not running", stale_attempt=True)
+        if reporter is not None and reporter != node:
+            return _err(f"attempt {attempt} of task {task.phase} {task.index} of {job.id} runs on {node}, "
+                        f"not on {str(reporter)[:80]}", not_yours=True)
         if blame:
             self._blame(node, now, failed)
         key = f"{task.phase} {task.index}"
@@ -411,6 +802,8 @@ class State:
                 job.state, job.finished_at = "failed", now
                 job.error = f"{key} failed {job.failures[key]} times; last: {c['reason']}"[:MAX_ERROR]
                 return {"ok": True, "job_failed": True}
+        if c.get("may_finish") is True and not failed:  # stalled, not known dead: if it finishes first, it wins
+            task.given_up[attempt] = node
         self._drop_run(job, task, attempt, reason.split(":")[0])
         return {"ok": True}
 
@@ -499,6 +892,29 @@ class State:
     def active_jobs(self) -> list[Job]:
         return sorted((j for j in self.jobs.values() if j.state in ACTIVE), key=lambda j: j.seq)
 
+    def identity(self, fp: str) -> dict[str, Any] | None:
+        """Who holds the key with fingerprint ``fp`` (a copy), or None: a stranger."""
+        rec = self.identities.get(fp)
+        return dict(rec) if rec is not None else None
+
+    def fingerprints_of(self, name: str) -> list[str]:
+        """The fingerprints of every key of ``name`` (in the order they were registered)."""
+        return [fp for fp, rec in self.identities.items() if rec["name"] == name]
+
+    def node_certs(self) -> list[str]:
+        """Every registered certificate (PEM), nodes' and users': a TLS trust store."""
+        return list(dict.fromkeys(rec["cert"] for rec in self.identities.values()))
+
+    def is_admin(self, name: str) -> bool:
+        return any(rec["admin"] and rec["name"] == name for rec in self.identities.values())
+
+    def invitation(self, token_hash: str, now: float) -> dict[str, Any] | None:
+        """The live invitation with that secret's hash: {"name", "kind", "expires", "by"}."""
+        for name, t in self.tokens.items():
+            if t["token_hash"] == token_hash and now <= t["expires"]:
+                return {"name": name, "kind": t["kind"], "expires": t["expires"], "by": t["by"]}
+        return None
+
 
 _HANDLERS = {
     "member": State._member,
@@ -517,4 +933,10 @@ _HANDLERS = {
     "leave": State._leave,
     "add_holder": State._add_holder,
     "cancel": State._cancel,
+    "genesis": State._genesis,
+    "token": State._token,
+    "withdraw": State._withdraw,
+    "join": State._join,
+    "revoke": State._revoke,
+    "rekey": State._rekey,
 }

@@ -1,12 +1,17 @@
-"""Authenticated, multiplexed msgpack-framed TCP connections on asyncio.
+"""Mutually authenticated (TLS 1.3), multiplexed msgpack-framed connections on asyncio.
 
 A :class:`Connection` carries many concurrent *streams*: every frame header holds ``s``, the
 stream id chosen by the dialer. A request is a stream whose first frame names a handler
 (``t``); the two sides then exchange frames on it (a reply, or ``data`` frames and an
 ``end``). Errors come back as ``{"t": "error", "code", "message"}`` and surface as
-:class:`~pdp.errors.RemoteError`. The handshake (mutual challenge–response over the party
-secret) runs before anything else; a peer that breaks the protocol is dropped, the node
-goes on.
+:class:`~pdp.errors.RemoteError`. Frames without a stream id (``raft``) are one-way
+messages handed to ``oneway`` at once (Raft traffic between members).
+
+Who the other end is comes from TLS only (:mod:`pdp.tls`): the dialer pins the listener's
+certificate fingerprint, the listener looks the dialer's proven fingerprint up in the
+party's identities (:class:`Peer`). After TLS one ``hello``/``welcome`` exchange tells a
+refused dialer why. Every request is checked by ``authorize(conn, kind)`` before its
+handler runs; a peer that breaks the protocol is dropped, the node goes on.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from pdp import wire
+from pdp import tls, wire
 from pdp.errors import AuthError, PdpError, ProtocolError, RemoteError
+from pdp.identity import Identity, display_id
 
 log = logging.getLogger("pdp.transport")
 
@@ -26,7 +34,32 @@ READ_SIZE = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # a connection with no traffic and no open stream this long is closed
 STREAM_QUEUE = 16
+MAX_STREAMS = 256  # open requests one peer may have on one connection
+ONEWAY_BUFFER = 4 * 1024 * 1024  # a one-way message is dropped while this much waits unsent (Raft resends)
+PROTOCOL_VERSION = 2
 Handler = Callable[["Stream", dict[str, Any], bytes], Awaitable[None]]
+OneWay = Callable[["Connection", dict[str, Any], bytes], None]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The other end of a connection, as proven by its certificate (never as it claims)."""
+
+    fp: str | None  # certificate fingerprint; None: anonymous (may only redeem a join token)
+    name: str
+    kind: str  # "node" | "user" | "anonymous"
+    admin: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.name}" + (f" ({display_id(self.fp)[:15]}...)" if self.fp else "")
+
+
+ANONYMOUS = Peer(None, "anonymous", "anonymous")
+
+
+class Forbidden(PdpError):
+    """The peer's identity may not make this request."""
 
 
 class ConnectionLost(PdpError):
@@ -74,24 +107,26 @@ class Connection:
         decoder: wire.FrameDecoder,
         peer: str,
         handlers: dict[str, Handler] | None = None,
+        who: Peer = ANONYMOUS,
+        authorize: Callable[[Connection, str], None] | None = None,
+        oneway: OneWay | None = None,
     ) -> None:
         self.reader, self.writer, self.decoder = reader, writer, decoder
-        self.peer = peer
-        self.peer_name = ""
-        self.peer_role = ""
+        self.peer = peer  # "host:port" (for logs)
+        self.who = who
         self.handlers = handlers  # None on the dialing side: it only opens streams
+        self.authorize = authorize
+        self.oneway = oneway
         self.streams: dict[int, Stream] = {}
         self.next_sid = 1
         self.closed = False
         self.tasks: set[asyncio.Task[None]] = set()
         self.reader_task: asyncio.Task[None] | None = None
-        self.sealer: wire.Sealer | None = None
+        self.on_close: list[Callable[[Connection], None]] = []
 
-    def secure(self, session_key: bytes, dialer: bool, pending: list[wire.Frame]) -> None:
-        """From now on every frame is sealed (AES-GCM with keys from the handshake)."""
-        if pending or self.decoder.buffered:
-            raise ProtocolError("the peer sent frames before the handshake finished")
-        self.sealer, self.decoder.opener = wire.session_keys(session_key, dialer)
+    @property
+    def peer_name(self) -> str:
+        return self.who.name
 
     def start(self, pending: list[wire.Frame]) -> None:
         self.reader_task = asyncio.create_task(self._read_loop(pending))
@@ -101,11 +136,24 @@ class Connection:
             self.close()
             raise ConnectionLost(f"{self.peer}: connection closed")
         try:
-            self.writer.writelines(wire.encode_frame(header, payload, self.sealer))
+            self.writer.writelines(wire.encode_frame(header, payload))
             await self.writer.drain()
         except (ConnectionError, OSError, RuntimeError) as exc:  # uvloop: RuntimeError on a closed transport
             self.close()
             raise ConnectionLost(f"{self.peer}: {exc or 'connection lost'}") from None
+
+    def send_nowait(self, header: dict[str, Any], payload: bytes = b"") -> bool:
+        """Queue a one-way frame without waiting; False (dropped) if the connection is gone
+        or the peer has not read the last ONEWAY_BUFFER bytes (it cannot pin our memory)."""
+        transport = self.writer.transport
+        if self.closed or transport.is_closing() or transport.get_write_buffer_size() > ONEWAY_BUFFER:
+            return False
+        try:
+            self.writer.writelines(wire.encode_frame(header, payload))
+        except (ConnectionError, OSError, RuntimeError):
+            self.close()
+            return False
+        return True
 
     def open_stream(self) -> Stream:
         stream = Stream(self, self.next_sid)
@@ -149,6 +197,9 @@ class Connection:
 
     async def _dispatch(self, frame: wire.Frame) -> None:
         sid = frame.header.get("s")
+        if sid is None and self.oneway is not None:
+            self.oneway(self, frame.header, frame.payload)
+            return
         if not isinstance(sid, int):
             raise ProtocolError("frame without a stream id")
         stream = self.streams.get(sid)
@@ -157,6 +208,8 @@ class Connection:
             return
         if self.handlers is None:
             return  # a late frame for a stream we gave up on
+        if len(self.streams) >= MAX_STREAMS:
+            raise ProtocolError(f"more than {MAX_STREAMS} requests open at once")
         stream = Stream(self, sid)
         self.streams[sid] = stream
         task = asyncio.create_task(self._serve(stream, frame))
@@ -169,6 +222,8 @@ class Connection:
         try:
             if handler is None:
                 raise ProtocolError(f"unknown request type {kind!r}")
+            if self.authorize is not None:
+                self.authorize(self, kind)
             await handler(stream, frame.header, frame.payload)
         except ConnectionLost as exc:
             if not self.closed:  # lost on another connection the handler used: tell our peer
@@ -194,6 +249,9 @@ class Connection:
         self.writer.close()
         for task in list(self.tasks):
             task.cancel()
+        for callback in self.on_close:
+            with contextlib.suppress(Exception):
+                callback(self)
 
 
 async def _next_frame(
@@ -202,7 +260,7 @@ async def _next_frame(
     while not pending:
         data = await reader.read(READ_SIZE)
         if not data:
-            raise ConnectionLost("the peer closed the connection during the handshake")
+            raise ConnectionLost("the peer closed the connection")
         pending.extend(decoder.feed(data))
     return pending.pop(0)
 
@@ -211,106 +269,108 @@ def _send_now(writer: asyncio.StreamWriter, header: dict[str, Any]) -> None:
     writer.writelines(wire.encode_frame(header))
 
 
-async def dial(addr: str, key: bytes, name: str, role: str, timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
-    """Connect to ``addr`` ("host:port") and prove the party secret both ways."""
+_CONTEXTS: dict[str | None, ssl.SSLContext] = {}
+
+
+def _client_context(ident: Identity | None) -> ssl.SSLContext:
+    key = ident.fp if ident is not None else None
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        ctx = _CONTEXTS[key] = tls.client_context(ident)
+    return ctx
+
+
+async def dial(addr: str, ident: Identity | None, expect: str | Iterable[str],
+               timeout: float = HANDSHAKE_TIMEOUT, oneway: OneWay | None = None) -> Connection:
+    """Connect to ``addr`` over mutual TLS as ``ident`` (None: anonymous, for a join token),
+    refusing a listener whose certificate fingerprint is not ``expect`` (or one of them)."""
     host, port = split_addr(addr)
+    mine = f" (your id {display_id(ident.fp)[:15]}...)" if ident is not None else ""
+    refused = AuthError(f"the node at {addr} closed the connection: it does not know this identity{mine} - not a "
+                        "member of this party, or revoked (`pdp id` shows it; ask an admin)")
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=_client_context(ident), server_hostname=tls.SNI, ssl_handshake_timeout=timeout), timeout)
+    except ssl.SSLError as exc:
+        if "alert" in str(exc):  # TLS 1.3: the listener's refusal of our certificate
+            raise refused from None
+        raise ConnectionLost(f"cannot reach a pdp node at {addr}: TLS failed: {exc}") from None
     except (OSError, asyncio.TimeoutError) as exc:
         raise ConnectionLost(f"cannot reach a pdp node at {addr}: {exc or 'timed out'}") from None
-    decoder, pending = wire.FrameDecoder(), list[wire.Frame]()
+    decoder, pending = wire.FrameDecoder(max_header=4096, max_payload=0), list[wire.Frame]()
     try:
-        shake = wire.DialerHandshake(key, name, role)
-        _send_now(writer, shake.hello())
-        challenge = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
-        if challenge.header["t"] == "error":
-            shake.on_welcome(challenge.header)  # raises AuthError with the node's reason
-        try:
-            _send_now(writer, shake.on_challenge(challenge.header))
-        except AuthError:  # tell the node too, so both logs name the reason
-            _send_now(writer, wire.error_header("auth", "wrong party secret: the dialer could not verify this node's proof"))
-            with contextlib.suppress(Exception):
-                await writer.drain()
-            raise
+        fp = tls.check_pin(addr, tls.peer_fingerprint(writer.get_extra_info("ssl_object")), expect)
+        _send_now(writer, {"t": "hello", "v": PROTOCOL_VERSION})
         welcome = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
-        if welcome.header["t"] == "error" and welcome.header.get("code") == "not_invited":
-            raise AuthError(f"refused by the node: {str(welcome.header.get('message', ''))[:300]}")
-        shake.on_welcome(welcome.header)
+        hdr = welcome.header
+        if hdr["t"] == "error":
+            raise AuthError(f"refused by the node at {addr}: {str(hdr.get('message', ''))[:300]}")
+        if hdr["t"] != "welcome" or hdr.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError(f"{addr} answered {hdr['t']!r} (version {hdr.get('v')!r}); run the same pdp "
+                                f"version (protocol {PROTOCOL_VERSION}) on every machine")
     except asyncio.TimeoutError:
         writer.close()
-        raise ConnectionLost(f"{addr}: no handshake answer within {timeout:g} s (is it a pdp node?)") from None
-    except (AuthError, ProtocolError, ConnectionLost, OSError) as exc:
+        raise ConnectionLost(f"{addr}: no answer within {timeout:g} s (is it a pdp node?)") from None
+    except (ConnectionLost, ConnectionResetError):
+        writer.close()
+        raise refused from None
+    except ssl.SSLError as exc:
+        writer.close()
+        if "alert" in str(exc):
+            raise refused from None
+        raise ConnectionLost(f"{addr}: TLS failed: {exc}") from None
+    except (AuthError, ProtocolError, OSError) as exc:
         writer.close()
         if isinstance(exc, AuthError):
-            raise AuthError(f"{addr}: {exc}") from None
+            raise
         raise ConnectionLost(f"{addr}: handshake failed: {exc}") from None
-    conn = Connection(reader, writer, decoder, addr)
-    conn.peer_name = shake.peer_name
-    try:
-        conn.secure(shake.session_key, dialer=True, pending=pending)
-    except ProtocolError as exc:
-        writer.close()
-        raise ConnectionLost(f"{addr}: {exc}") from None
-    conn.start([])
+    decoder.max_header, decoder.max_payload = wire.MAX_HEADER, wire.MAX_PAYLOAD
+    conn = Connection(reader, writer, decoder, addr, who=Peer(fp, str(hdr.get("name", "")), "node"), oneway=oneway)
+    conn.start(pending)
     return conn
+
+
+Resolve = Callable[[str | None], "Peer | str"]
 
 
 async def accept(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    key: bytes,
     name: str,
+    resolve: Resolve,
     handlers: dict[str, Handler],
-    admit: Callable[[str, str], str | None] = lambda name, role: None,
+    authorize: Callable[[Connection, str], None],
+    oneway: OneWay | None = None,
     timeout: float = HANDSHAKE_TIMEOUT,
 ) -> Connection | None:
-    """Run the listener's side of the handshake; None (and a log line) if the peer fails it.
-
-    ``admit(name, role)`` returns None to let a peer that proved the secret in, or the
-    reason it may not come in (a node that is not invited)."""
+    """The listener's side after TLS: look the proven certificate up (``resolve`` returns the
+    :class:`Peer`, or why it is refused), answer the hello; None (and a log line) if refused."""
     peer = "%s:%s" % writer.get_extra_info("peername")[:2]
-    # a stranger gets no room: handshake frames are small and carry no payload
+    fp = tls.peer_fingerprint(writer.get_extra_info("ssl_object"))
     decoder, pending = wire.FrameDecoder(max_header=4096, max_payload=0), list[wire.Frame]()
-    shake = wire.ListenerHandshake(key, name)
     try:
         hello = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
-        _send_now(writer, shake.on_hello(hello.header))
-        auth = await asyncio.wait_for(_next_frame(reader, decoder, pending), timeout)
-        if auth.header["t"] == "error":
-            raise AuthError(str(auth.header.get("message", "the dialer gave up"))[:300])
-        welcome = shake.on_auth(auth.header)
-        refusal = admit(shake.peer_name, shake.peer_role)
-        if refusal is not None:
-            log.warning("refused %s (%s): %s", peer, shake.peer_name, refusal)
-            _send_now(writer, wire.error_header("not_invited", refusal))
+        if hello.header["t"] != "hello" or hello.header.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError(f"expected hello version {PROTOCOL_VERSION}, got {hello.header['t']!r} "
+                                f"version {hello.header.get('v')!r}")
+        who = resolve(fp)
+        if isinstance(who, str):
+            log.warning("refused %s (id %s): %s", peer, display_id(fp) if fp else "none", who)
+            _send_now(writer, wire.error_header("auth", who))
             await writer.drain()
             writer.close()
             return None
-        _send_now(writer, welcome)
+        _send_now(writer, {"t": "welcome", "v": PROTOCOL_VERSION, "name": name, "you": who.name})
         await writer.drain()
-    except AuthError as exc:
-        log.warning("refused %s: %s", peer, exc)
-        with contextlib.suppress(Exception):
-            _send_now(writer, wire.error_header("auth", f"refused by the node: {exc}"))
-            await writer.drain()
-        writer.close()
-        return None
-    except (ProtocolError, ConnectionLost, asyncio.TimeoutError, OSError) as exc:
+    except (ProtocolError, ConnectionLost, asyncio.TimeoutError, OSError, ssl.SSLError) as exc:
         quiet = isinstance(exc, ConnectionLost) and not decoder.fed
         # a connect-and-close (the master probing whether a silent member's process is alive) is no news
         (log.debug if quiet else log.warning)("dropped %s during the handshake: %s", peer, exc or "timed out")
         writer.close()
         return None
     decoder.max_header, decoder.max_payload = wire.MAX_HEADER, wire.MAX_PAYLOAD
-    conn = Connection(reader, writer, decoder, peer, handlers)
-    conn.peer_name, conn.peer_role = shake.peer_name, shake.peer_role
-    try:
-        conn.secure(shake.session_key, dialer=False, pending=pending)
-    except ProtocolError as exc:
-        log.warning("dropped %s: %s", peer, exc)
-        writer.close()
-        return None
-    conn.start([])
+    conn = Connection(reader, writer, decoder, peer, handlers, who=who, authorize=authorize, oneway=oneway)
+    conn.start(pending)
     return conn
 
 
@@ -322,34 +382,54 @@ def split_addr(addr: str) -> tuple[str, int]:
 
 
 def raft_addr_of(data_addr: str) -> str:
-    """A member's Raft address: its data port + 1 (the documented convention)."""
-    host, port = split_addr(data_addr)
-    return f"{host}:{port + 1}"
+    """A member's Raft node id: its data address (Raft shares the one port)."""
+    split_addr(data_addr)
+    return data_addr
 
 
 class Peers:
-    """Reusable outbound connections, one per address; a closed one is dialed again."""
+    """Reusable outbound connections, one per (address, purpose); a closed one is dialed again.
 
-    def __init__(self, key: bytes, name: str, role: str = "node") -> None:
-        self.key, self.name, self.role = key, name, role
-        self._conns: dict[str, Connection] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+    ``pins(addr)`` names the fingerprint(s) the member at ``addr`` must prove."""
 
-    async def get(self, addr: str, timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
-        conn = self._conns.get(addr)
+    def __init__(self, ident: Identity, pins: Callable[[str], str | set[str]],
+                 oneway: OneWay | None = None) -> None:
+        self.ident, self.pins, self.oneway = ident, pins, oneway
+        self._conns: dict[tuple[str, str], Connection] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    async def get(self, addr: str, timeout: float = HANDSHAKE_TIMEOUT, purpose: str = "data") -> Connection:
+        key = (addr, purpose)
+        conn = self._conns.get(key)
         if conn is not None and not conn.closed:
             return conn
-        lock = self._locks.setdefault(addr, asyncio.Lock())
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            conn = self._conns.get(addr)
+            conn = self._conns.get(key)
             if conn is None or conn.closed:
-                conn = await dial(addr, self.key, self.name, self.role, timeout)
-                self._conns[addr] = conn
+                conn = await dial(addr, self.ident, self.pins(addr), timeout, oneway=self.oneway)
+                self._conns[key] = conn
             return conn
+
+    def live(self, addr: str, purpose: str = "data") -> Connection | None:
+        conn = self._conns.get((addr, purpose))
+        return conn if conn is not None and not conn.closed else None
 
     async def request(self, addr: str, header: dict[str, Any], payload: bytes = b"", timeout: float = 30.0) -> wire.Frame:
         conn = await self.get(addr)
         return await conn.request(header, payload, timeout)
+
+    def close_purpose(self, purpose: str) -> None:
+        for (addr, p), conn in list(self._conns.items()):
+            if p == purpose:
+                conn.close()
+                del self._conns[(addr, p)]
+
+    def drop(self, fps: set[str]) -> None:
+        """Close connections to members whose identity was revoked."""
+        for conn in list(self._conns.values()):
+            if conn.who.fp in fps:
+                conn.close()
 
     def close(self) -> None:
         for conn in self._conns.values():

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pdp import mapoutput
 from pdp import progress as task_progress
 from pdp.errors import InputError, PdpError
-from pdp.fsutil import sha256_file
+from pdp.fsutil import Damaged, check_range, crc32_file, sha256_file
 from pdp.jobs import job_kind, run_maps, run_whole
 from pdp.limits import Sampler, pause_reason
 from pdp.progress import TaskAborted
@@ -203,7 +203,11 @@ class Worker:
         if local.exists():
             with open(local, "rb") as f:
                 a, b = aligned_bounds(f, task["start"], task["end"], local.stat().st_size)
-            return str(local), a, b, 0
+            try:  # every byte the map and the line search read, against the input's block checksums
+                await asyncio.to_thread(check_range, local, max(0, task["start"] - 1), max(a, b))
+                return str(local), a, b, 0
+            except Damaged as exc:
+                log.warning("map %s of %s: %s here; fetching it from another holder", task["index"], task["job"], exc)
         path = node.spool.file(task["job"], f"chunk-{task['index']}")
         fetched.append(path)
         base, end = await self._fetch_range(task, path)
@@ -364,7 +368,7 @@ class Worker:
             if name == node.name:
                 continue
             try:
-                await node.push_file(addr, {"t": "store_file", "job": job, "name": "result"}, result)
+                await node.push_file(addr, {"t": "store_file", "job": job, "name": "result", "sha256": digest}, result)
                 holders.append(name)
                 break
             except (PdpError, OSError) as exc:
@@ -389,6 +393,8 @@ class Worker:
                 finally:
                     stream.close()
             except (PdpError, OSError) as exc:
+                log.warning("map %s of %s: input %s from %s failed: %s", task["index"], task["job"], task["name"],
+                            holder, exc)
                 errors.append(f"{holder}: {exc}")
         raise ConnectionLost(f"no holder of input {task['name']} answered ({'; '.join(errors) or 'none known'})")
 
@@ -396,14 +402,19 @@ class Worker:
         node, job, r = self.node, task["job"], task["index"]
         sources: list[tuple[str, int]] = []  # (map output file, r) here; (fetched slices, -1) from others
         remote: dict[str, tuple[str, list[int]]] = {}  # holder -> (address, maps whose outputs it holds)
+        local: list[tuple[int, str]] = []  # (map, its output file here)
         for m, holder, addr in task["sources"]:
             if holder == node.name:
                 path = node.spool.file(job, f"map-{m}")
                 if not path.exists():
                     raise Unreachable("map", holder, [m], "not in this spool")
                 sources.append((str(path), r))
+                local.append((m, str(path)))
             else:
                 remote.setdefault(holder, (addr, []))[1].append(m)
+        damaged = await asyncio.to_thread(mapoutput.damaged, local, r)  # CRCs stored by the maps
+        if damaged:
+            raise Unreachable("map", node.name, damaged, "damaged in this spool (CRC mismatch)")
         batches = [(h, a, ms[k:k + FETCH_BATCH]) for h, (a, ms) in remote.items() for k in range(0, len(ms), FETCH_BATCH)]
         gate = asyncio.Semaphore(FETCH_PARALLEL)
         fetched = len(sources)
@@ -422,7 +433,7 @@ class Worker:
                         await asyncio.sleep(0.3)
             if missing:
                 dest.unlink(missing_ok=True)
-                raise Unreachable("map", holder, sorted(missing), "not in its spool")
+                raise Unreachable("map", holder, sorted(missing), "missing or damaged in its spool")
             fetched += len(maps)
             report_progress(progress, fetched)
             return str(dest)
@@ -443,10 +454,11 @@ class Worker:
             size = sum(Path(p).stat().st_size for p in fetched_files) + sum(
                 mapoutput.size(p, r) for p, part in sources if part >= 0)
             stats = await node.run_in_pool(job_kind(task["kind"]).reduce_partitions, sources, out)
+            crc = await asyncio.to_thread(crc32_file, out)  # in the log: the master checks its copy
         finally:
             for p in fetched_files:
                 Path(p).unlink(missing_ok=True)
-        return {**stats, "input_bytes": size}
+        return {**stats, "input_bytes": size, "crc32": crc}
 
 
 def _key(task: dict[str, Any]) -> AttemptKey:

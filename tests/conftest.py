@@ -27,7 +27,7 @@ def corpus() -> list[Path]:
 @pytest.fixture(scope="module")
 def party(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalParty]:
     """Three real `pdp node` processes on 127.0.0.1, ready (one leader, every member beating)."""
-    p = LocalParty(tmp_path_factory.mktemp("party"), n=3, cpus=1)
+    p = LocalParty(tmp_path_factory.mktemp("party"), n=3, cpus=1, users=("ann", "bob"))
     p.start()
     try:
         asyncio.run(p.wait_ready(60.0))
@@ -47,7 +47,7 @@ def make_party(tmp_path: Path) -> Iterator[Callable[..., LocalParty]]:
              node_settings: dict[int, dict[str, Any]] | None = None, **settings: Any) -> LocalParty:
         party = LocalParty(tmp_path / f"party{len(parties)}", n=n, cpus=cpus,
                            env={"PDP_TEST_KINDS": "1", "PDP_CHAOS": chaos}, settings={**FAST, **settings},
-                           node_settings=node_settings)
+                           node_settings=node_settings, users=("ann", "bob"))
         parties.append(party)
         party.start()
         asyncio.run(party.wait_ready(60))

@@ -9,12 +9,22 @@ that no process outside the namespaces can send to it either.
 Cutting a member off = ``ip link set eth0 down`` in its namespace (TCP peers see silence, not
 resets); healing = up again.
 
+Packet loss = :meth:`VirtualLan.lossy`: one rule in that member namespace's INPUT chain,
+``iptables -A INPUT -i eth0 -m statistic --mode random --probability P -j DROP``, so each packet
+arriving from the LAN (from any other namespace; the member's own loopback is spared) is dropped
+with probability P; :meth:`VirtualLan.clear_loss` deletes it again (the rule also dies with the
+namespace). ``tc netem`` is not in this kernel, hence iptables' ``statistic`` match. Inside a
+namespace Debian's ``iptables`` may be the nf_tables backend; the first of ``iptables`` and
+``iptables-legacy`` that can add (and then find) such a rule in a throwaway namespace is used
+(:func:`loss_backend`); if neither can, :class:`LossUnavailable` says why.
+
 Everything is torn down in :meth:`VirtualLan.close`: processes by PID (those started through
 :meth:`VirtualLan.spawn` and any still left inside the namespaces), each namespace, the route.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -25,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 IP = shutil.which("ip")
+IPTABLES = ("iptables", "iptables-legacy")  # tried in this order
 
 
 class NetnsUnavailable(Exception):
@@ -52,6 +63,66 @@ def check_available() -> None:
     _ip("netns", "del", probe, check=False)
 
 
+class LossUnavailable(NetnsUnavailable):
+    """Packet loss cannot be emulated here (no iptables, or no backend that works in a netns)."""
+
+
+def _loss_rule(probability: float) -> list[str]:
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"loss probability must be in (0, 1), not {probability!r}")
+    return ["INPUT", "-i", "eth0", "-m", "statistic", "--mode", "random", "--probability", f"{probability:.4f}",
+            "-j", "DROP"]
+
+
+def _iptables_in(ns: str, binary: str, *args: str) -> subprocess.CompletedProcess[str]:
+    assert IP is not None
+    return subprocess.run([IP, "netns", "exec", ns, binary, "-w", "5", *args], capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+
+
+def _try_backend(ns: str, binary: str, rule: list[str]) -> str:
+    """Add ``rule`` with ``binary`` inside ``ns`` and check it is there: "" when it worked, else why not."""
+    if shutil.which(binary) is None:
+        return f"{binary}: not installed"
+    try:
+        added = _iptables_in(ns, binary, "-A", *rule)
+        if added.returncode != 0:
+            return f"{binary} -A: {added.stderr.strip() or added.returncode}"
+        found = _iptables_in(ns, binary, "-C", *rule)
+        if found.returncode != 0:
+            _iptables_in(ns, binary, "-D", *rule)
+            return f"{binary} -C (rule added but not found): {found.stderr.strip() or found.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{binary}: {exc}"
+    return ""
+
+
+_backend: str | None = None
+
+
+def loss_backend() -> str:
+    """The iptables binary whose ``statistic`` DROP rules work inside a namespace here (probed
+    once, in a throwaway namespace with no links but ``lo``); LossUnavailable with every reason."""
+    global _backend
+    if _backend is not None:
+        return _backend
+    check_available()
+    probe = f"pdpt-{os.getpid()}-probe{random.randrange(1 << 30):x}"
+    _ip("netns", "add", probe)
+    why: list[str] = []
+    try:
+        for binary in IPTABLES:
+            reason = _try_backend(probe, binary, _loss_rule(0.03))
+            if not reason:
+                _backend = binary
+                return binary
+            why.append(reason)
+    finally:
+        _ip("netns", "del", probe, check=False)
+    raise LossUnavailable("no iptables backend can add a `statistic` DROP rule inside a network namespace ("
+                          + "; ".join(why) + "); install iptables (apt-get install iptables)")
+
+
 class VirtualLan:
     """A bridge namespace plus member namespaces on 10.231.X.0/24 (X random, 1..250)."""
 
@@ -62,6 +133,7 @@ class VirtualLan:
         self.route: str | None = None
         self.namespaces: list[str] = []
         self.members: dict[str, tuple[str, str]] = {}  # short name -> (namespace, ip)
+        self.loss: dict[str, tuple[str, list[str], int]] = {}  # name -> (iptables binary, DROP rule, rx then)
         self.procs: list[subprocess.Popen[Any]] = []
         self.bridge_ns = self.prefix + "br"
         self._reserve_subnet()
@@ -126,6 +198,49 @@ class VirtualLan:
         assert self.route is not None
         if self.route.split("/")[0] not in _ip("-n", ns, "route", "show").stdout:
             _ip("-n", ns, "route", "add", self.route, "dev", "eth0", "src", ip)
+
+    def lossy(self, name: str, probability: float) -> str:
+        """Drop each packet reaching member ``name`` from the LAN with ``probability`` (a
+        ``statistic`` DROP rule on its INPUT chain, replacing an earlier one); returns the
+        iptables binary used. LossUnavailable when no backend works in that namespace."""
+        rule = _loss_rule(probability)
+        self.clear_loss(name)
+        ns = self.ns(name)
+        first = loss_backend()
+        why: list[str] = []
+        for binary in [first, *(b for b in IPTABLES if b != first)]:
+            reason = _try_backend(ns, binary, rule)
+            if not reason:
+                self.loss[name] = (binary, rule, self._rx_packets(name))
+                return binary
+            why.append(reason)
+        raise LossUnavailable(f"cannot add a DROP rule in {ns}: " + "; ".join(why))
+
+    def clear_loss(self, name: str) -> None:
+        """Remove the loss rule :meth:`lossy` put on member ``name`` (nothing if there is none)."""
+        entry = self.loss.pop(name, None)
+        if entry is None:
+            return
+        binary, rule, _ = entry
+        done = _iptables_in(self.ns(name), binary, "-D", *rule)
+        if done.returncode != 0:
+            raise RuntimeError(f"{binary} -D {' '.join(rule)} in {self.ns(name)}: {done.stderr.strip()}")
+
+    def _rx_packets(self, name: str) -> int:
+        link = _ip("-n", self.ns(name), "-s", "-j", "link", "show", "dev", "eth0").stdout
+        return int(json.loads(link)[0]["stats64"]["rx"]["packets"])
+
+    def loss_stats(self, name: str) -> tuple[int, int]:
+        """(packets the loss rule dropped, packets that reached ``eth0``) for member ``name``,
+        both since :meth:`lossy` installed the rule."""
+        binary, _, rx_then = self.loss[name]
+        listing = _iptables_in(self.ns(name), binary, "-L", "INPUT", "-v", "-x", "-n")
+        dropped = 0
+        for line in listing.stdout.splitlines():
+            fields = line.split()
+            if "DROP" in fields and "statistic" in fields and fields[0].isdigit():
+                dropped += int(fields[0])
+        return dropped, self._rx_packets(name) - rx_then
 
     # -- processes ----------------------------------------------------------------------
 
@@ -192,6 +307,7 @@ class VirtualLan:
             if done.returncode != 0:
                 errors.append(f"netns del {ns}: {done.stderr.strip()}")
         self.namespaces.clear()
+        self.loss.clear()  # the rules went with their namespaces
         if self.route is not None:
             done = _ip("route", "del", "blackhole", self.route, check=False)
             if done.returncode != 0:

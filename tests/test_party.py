@@ -14,6 +14,7 @@ import pytest
 
 from pdp.client import Client
 from pdp.errors import AuthError
+from pdp.identity import new_credential
 from pdp.jobs.wordcount import oracle
 from pdp.local import LocalParty
 
@@ -128,17 +129,15 @@ def test_bad_paths_are_clear_errors(party: LocalParty, tmp_path: Path) -> None:
     assert res.returncode == 1 and "does not exist" in res.stderr
 
 
-def test_wrong_secret_is_refused_and_node_stays_up(party: LocalParty, tmp_path: Path) -> None:
-    wrong = tmp_path / "wrong.key"
-    wrong.write_text(os.urandom(32).hex() + "\n")
-    wrong.chmod(0o600)
-    res = _cli("status", "--node", party.addr(0), key_file=wrong)
+def test_an_unknown_identity_is_refused_and_node_stays_up(party: LocalParty, tmp_path: Path) -> None:
+    stranger = new_credential(tmp_path / "stranger.cred", "mallory", party.key.pins)  # never joined
+    res = _cli("status", "--node", party.addr(0), key_file=stranger.path)
     assert res.returncode == 1
-    assert "secret" in res.stderr
+    assert "does not know this identity" in res.stderr and "pdp id" in res.stderr
     with pytest.raises(AuthError):
-        asyncio.run(Client(party.addr(1), os.urandom(32)).__aenter__())
+        asyncio.run(Client(party.addr(1), stranger).__aenter__())
     log = (party.root / f"{party.names[0]}.log").read_text()
-    assert "wrong party secret" in log
+    assert "refused a TLS connection" in log and "certificate" in log
     assert len(_statuses(party)) == party.n  # everyone still serves the party
 
 

@@ -102,8 +102,8 @@ def test_two_submitters_at_once_get_about_equal_shares(make_party: Any, corpus: 
 
     async def submitter(who: str, count: int, node: int) -> list[str]:
         ids = [f"{who}-{k}" for k in range(count)]
-        await asyncio.gather(*(run_job([party.addr(node)], party.key, "chaos", inputs, job_id,
-                                       tmp_path / job_id, submitter=who, chunk_size=256 * KB, reduces=1)
+        await asyncio.gather(*(run_job([party.addr(node)], party.cred(who), "chaos", inputs, job_id,
+                                       tmp_path / job_id, chunk_size=256 * KB, reduces=1)
                                for job_id in ids))
         return ids
 
@@ -124,12 +124,12 @@ def test_one_submitters_burst_does_not_make_another_wait(make_party: Any, corpus
     party = make_party("sleep=0.1")
 
     async def scenario() -> tuple[float, list[float]]:
-        burst = [asyncio.create_task(run_job([party.addr(0)], party.key, "chaos", corpus[:2], f"ann-{k}",
-                                             tmp_path / f"ann-{k}", submitter="ann", chunk_size=256 * KB))
+        burst = [asyncio.create_task(run_job([party.addr(0)], party.cred("ann"), "chaos", corpus[:2], f"ann-{k}",
+                                             tmp_path / f"ann-{k}", chunk_size=256 * KB))
                  for k in range(12)]
         await asyncio.sleep(1.0)
         t0 = time.monotonic()
-        await run_job([party.addr(1)], party.key, "chaos", corpus[:2], "bob", tmp_path / "bob", submitter="bob",
+        await run_job([party.addr(1)], party.cred("bob"), "chaos", corpus[:2], "bob", tmp_path / "bob",
                       chunk_size=256 * KB)
         mine = time.monotonic() - t0
         await asyncio.gather(*burst)

@@ -78,7 +78,9 @@ def snap(s: State) -> Any:
     are shared, which a copy (or a snapshot restore) does not preserve.
     """
     return ({k: asdict(m) for k, m in s.members.items()}, dict(s.master),
-            {k: asdict(j) for k, j in s.jobs.items()}, s.next_seq, list(s.jobs))
+            {k: asdict(j) for k, j in s.jobs.items()}, s.next_seq, list(s.jobs),
+            {k: asdict(r) for k, r in s.records.items()}, copy.deepcopy(s.invited),
+            copy.deepcopy(s.identities), copy.deepcopy(s.tokens))
 
 
 def ok(s: State, cmd: Any) -> dict[str, Any]:
@@ -281,9 +283,24 @@ def test_submit_is_idempotent() -> None:
     s = fresh()
     assert s.apply(submit_cmd("j", [10], now=1.0)) == {"ok": True, "id": "j"}
     first = snap(s)
-    # The same id again, even with different contents, is the same job: nothing changes.
+    # The same id with the same kind and inputs (names, sizes) is the same job, even through
+    # another gateway (chunk size, reduces, holders and time may differ): nothing changes.
     assert s.apply(submit_cmd("j", [10], now=1.0)) == {"ok": True, "dup": True, "id": "j"}
-    assert s.apply(submit_cmd("j", [1, 2, 3], chunk=1, n_reduce=9, now=5.0)) == {"ok": True, "dup": True, "id": "j"}
+    assert s.apply(submit_cmd("j", [10], chunk=1, n_reduce=9, now=5.0, holders=[["n2"]])) == \
+        {"ok": True, "dup": True, "id": "j"}
+    assert snap(s) == first
+    # The same id for other inputs, another kind or another submitter is refused.
+    res = refused(s, submit_cmd("j", [1, 2, 3], chunk=1, n_reduce=9, now=5.0), id_taken=True)
+    assert "already used for different inputs" in res["error"]
+    refused(s, submit_cmd("j", [11]), id_taken=True)
+    renamed = submit_cmd("j", [10])
+    renamed["inputs"][0]["name"] = "other.txt"
+    refused(s, renamed, id_taken=True)
+    other_kind = {**submit_cmd("j", [10]), "kind": "chaos"}
+    refused(s, other_kind, id_taken=True)
+    other_user = submit_cmd("j", [10])
+    other_user["form"]["submitter"] = "mallory"
+    refused(s, other_user, id_taken=True)
     assert snap(s) == first
     assert list(s.jobs) == ["j"] and s.next_seq == 1
     assert len(s.jobs["j"].maps) == 3 and s.jobs["j"].submitted_at == 1.0
@@ -332,6 +349,7 @@ def test_submit_refuses_bad_parameters(cmd: dict[str, Any]) -> None:
 )
 def test_full_lifecycle(sizes: list[int], chunk: int, n_reduce: int) -> None:
     s = fresh()
+    ok(s, member_cmd("n1"))  # holds the inputs
     ok(s, member_cmd("w1"))
     ok(s, member_cmd("w2"))
     ok(s, submit_cmd("j", sizes, chunk=chunk, n_reduce=n_reduce, now=10.0))
@@ -365,8 +383,8 @@ def test_full_lifecycle(sizes: list[int], chunk: int, n_reduce: int) -> None:
         assert job.state == "reducing"
     for done, t in enumerate(job.reduces, start=1):
         assert job.state == "reducing"
-        assert s.apply(complete_cmd("j", "reduce", t.index, node=f"holder{t.index}")) == {"ok": True}
-        assert t.state == "done" and t.node == f"holder{t.index}"
+        assert s.apply(complete_cmd("j", "reduce", t.index, node="w2")) == {"ok": True}
+        assert t.state == "done" and t.node == "w2"
         assert job.counts() == {"maps": n_maps, "maps_done": n_maps, "reduces": n_reduce, "reduces_done": done}
     assert job.state == "assembling"
     assert s.active_jobs() == [job]
@@ -513,9 +531,10 @@ def test_complete_of_attempt_never_assigned(attempt: int) -> None:
 
 
 def test_complete_twice_first_completion_wins() -> None:
-    s = job_in("mapping")
-    ok(s, complete_cmd("j", "map", 0, node="fast", stats={"n": 1}))
-    res = refused(s, complete_cmd("j", "map", 0, node="slow", stats={"n": 2}), dup=True)
+    s = job_in("mapping")  # map 0: attempt 1 on w1
+    ok(s, {**assign_cmd("j", "map", 0, node="fast"), "backup": True})  # attempt 2
+    ok(s, complete_cmd("j", "map", 0, attempt=2, node="fast", stats={"n": 1}))
+    res = refused(s, complete_cmd("j", "map", 0, attempt=1, node="w1", stats={"n": 2}), dup=True)
     assert res["dup"] is True
     t = s.jobs["j"].maps[0]
     assert t.state == "done" and t.node == "fast" and t.stats == {"n": 1}
@@ -525,11 +544,31 @@ def test_complete_twice_first_completion_wins() -> None:
 
 def test_complete_twice_on_last_reduce_keeps_first() -> None:
     s = job_in("reducing", n_reduce=1)
-    ok(s, assign_cmd("j", "reduce", 0))
-    ok(s, complete_cmd("j", "reduce", 0, node="a"))
+    ok(s, assign_cmd("j", "reduce", 0, node="a"))
+    ok(s, {**assign_cmd("j", "reduce", 0, node="b"), "backup": True})
+    ok(s, complete_cmd("j", "reduce", 0, attempt=1, node="a"))
     assert s.jobs["j"].state == "assembling"
-    refused(s, complete_cmd("j", "reduce", 0, node="b"), dup=True)
+    refused(s, complete_cmd("j", "reduce", 0, attempt=2, node="b"), dup=True)
     assert s.jobs["j"].reduces[0].node == "a" and s.jobs["j"].state == "assembling"
+
+
+def test_complete_by_another_node_is_refused() -> None:
+    """A member cannot report (forge) the completion of an attempt that runs elsewhere."""
+    s = job_in("mapping")  # map 0: attempt 1 on w1
+    res = refused(s, complete_cmd("j", "map", 0, node="evil"), not_yours=True)
+    assert "runs on w1" in res["error"]
+    ok(s, complete_cmd("j", "map", 0, node="w1"))
+
+
+def test_complete_of_a_given_up_attempt_is_refused() -> None:
+    s = job_in("mapping")
+    ok(s, {"op": "release", "job": "j", "phase": "map", "index": 0, "attempt": 1, "term": TERM,
+           "reason": "stalled", "now": 5.0})
+    refused(s, complete_cmd("j", "map", 0, attempt=1, node="w1"), stale_attempt=True)
+    ok(s, assign_cmd("j", "map", 0, node="w2"))
+    refused(s, complete_cmd("j", "map", 0, attempt=1, node="w1"), stale_attempt=True)
+    refused(s, complete_cmd("j", "map", 0, attempt=2, node="w1"), not_yours=True)
+    ok(s, complete_cmd("j", "map", 0, attempt=2, node="w2"))
 
 
 @pytest.mark.parametrize("phase", ["queued", "mapping", "reducing"])
@@ -841,6 +880,16 @@ class Gen:
         cur = self.s.master["term"]
         return self.rng.choice([cur] * 8 + [cur - 1, cur + 1, 0])
 
+    def runner(self, job_id: str, phase: str, index: int, attempt: int) -> str:
+        """Mostly the node running that attempt (the one allowed to report it), else any."""
+        job = self.s.jobs.get(job_id)
+        if job is not None and phase in ("map", "reduce") and 0 <= index < len(job.tasks(phase)) \
+                and self.rng.random() < 0.85:
+            node = job.tasks(phase)[index].runs.get(attempt)
+            if node:
+                return node
+        return self.rng.choice(NODES)
+
     def task_ref(self, kind: str) -> tuple[str, str, int, int]:
         r = self.rng
         active = [j.id for j in self.s.active_jobs()]
@@ -881,7 +930,8 @@ class Gen:
                 cmd = assign_cmd(job_id, phase, index, node=r.choice(NODES), term=self.term(),
                                  lease_until=r.random() * 100)
             else:
-                cmd = complete_cmd(job_id, phase, index, attempt=attempt, node=r.choice(NODES), term=self.term(),
+                cmd = complete_cmd(job_id, phase, index, attempt=attempt, node=self.runner(job_id, phase, index, attempt),
+                                   term=self.term(),
                                    stats={"bytes": r.randint(0, 99)})
         elif kind == "fail":
             cmd = fail_cmd(r.choice(JOB_IDS + ["ghost"]), term=self.term(), error="x" * r.randint(0, 3000),
@@ -977,7 +1027,7 @@ def summary(s: State) -> dict[str, Any]:
 
 
 def state_bytes(s: State) -> bytes:
-    return pickle.dumps((s.members, s.master, s.jobs, s.next_seq))
+    return pickle.dumps((s.members, s.master, s.jobs, s.next_seq, s.records, s.invited, s.identities, s.tokens))
 
 
 def check_step(before: dict[str, Any], after: dict[str, Any], cmd: Any, res: Any) -> None:

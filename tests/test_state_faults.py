@@ -49,14 +49,37 @@ def test_release_puts_the_running_attempt_back_and_counts_the_reason() -> None:
     assert _assign(s, "map", 0, "c") == 2
 
 
-def test_first_completion_wins_even_from_a_released_attempt() -> None:
+def test_a_released_attempt_cannot_complete() -> None:
     s = _state()
     first = _assign(s, "map", 0, "b")
     s.apply(_order("release", "map", 0, attempt=first, reason="stalled on b", now=2.0))
     second = _assign(s, "map", 0, "c")
-    assert _complete(s, "map", 0, "b", first)["ok"]  # the slow original finishes first
-    assert _complete(s, "map", 0, "c", second)["dup"]
-    assert s.jobs["j"].maps[0].node == "b"
+    assert _complete(s, "map", 0, "b", first)["stale_attempt"]  # given up on: its result is not taken
+    assert _complete(s, "map", 0, "b", second)["not_yours"]
+    assert _complete(s, "map", 0, "c", second)["ok"]
+    assert s.jobs["j"].maps[0].node == "c"
+
+
+def test_first_completion_wins_between_a_task_and_its_backup() -> None:
+    s = _state()
+    first = _assign(s, "map", 0, "b")
+    res = s.apply(_order("assign", "map", 0, node="c", lease_until=99.0, backup=True))
+    assert res["ok"]
+    assert _complete(s, "map", 0, "c", res["attempt"])["ok"]  # the backup finishes first
+    assert _complete(s, "map", 0, "b", first)["dup"]
+    assert s.jobs["j"].maps[0].node == "c"
+
+
+def test_release_from_a_workers_report_must_come_from_its_node() -> None:
+    s = _state()
+    attempt = _assign(s, "map", 0, "b")
+    before = repr(s.jobs)
+    res = s.apply(_order("release", "map", 0, attempt=attempt, reason="failed on c: boom", failed=True,
+                         node="c", now=2.0))
+    assert res["not_yours"] and repr(s.jobs) == before and "c" not in s.records
+    res = s.apply(_order("release", "map", 0, attempt=attempt, reason="failed on b: boom", failed=True,
+                         node="b", now=2.0))
+    assert res["ok"] and s.jobs["j"].maps[0].state == "pending" and s.records["b"].failed == 1
 
 
 def test_repeated_failures_fail_the_job() -> None:
@@ -118,3 +141,15 @@ def test_redo_only_touches_outputs_of_that_holder() -> None:
     assert [t.state for t in s.jobs["j"].maps] == ["pending", "done", "pending"]
     assert s.jobs["j"].state == "mapping"
     assert not s.apply({"op": "redo", "job": "j", "phase": "nope", "holder": "b", "indexes": [], "term": T})["ok"]
+
+
+def test_a_stalled_attempt_given_up_on_may_still_win_but_only_on_its_own_node() -> None:
+    s = _state()
+    first = _assign(s, "map", 0, "n2")
+    res = s.apply(_order("release", "map", 0, attempt=first, reason="stalled on n2", now=1.0, may_finish=True))
+    assert res["ok"]
+    second = _assign(s, "map", 0, "n3")
+    assert not _complete(s, "map", 0, "n3", first)["ok"]  # not n3's attempt
+    assert _complete(s, "map", 0, "n2", first)["ok"]  # the stalled one finished first: it wins
+    assert s.jobs["j"].maps[0].node == "n2"
+    assert not _complete(s, "map", 0, "n3", second)["ok"]  # the other attempt lost the race
