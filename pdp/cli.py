@@ -83,8 +83,8 @@ def node(
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logging.getLogger("pysyncobj").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if config is None and default_config_file().exists():
-        config = default_config_file()
+    if config is None and (default_config_file().exists() or os.environ.get("PDP_CONFIG")):
+        config = default_config_file()  # a $PDP_CONFIG that names no file is an error, not silence
     overrides = {"name": name, "listen": listen, "advertise": advertise, "peers": tuple(peer), "data_dir": data_dir,
                  "cpus": cpus}
     try:

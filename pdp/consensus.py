@@ -246,6 +246,7 @@ class Consensus:
         _keep_next_index_monotonic(self._sync)
         journal = self._sync._SyncObj__raftLog  # type: ignore[attr-defined]
         self.durable = make_durable(journal, dump_file=conf.fullDumpFile)
+        self._sync.addOnTickCallback(self.durable.flush)  # a core of one sends no acks: flush every tick too
         self.divergence = _DivergenceWatch(self.durable, lambda: int(self._sync.raftLastApplied))
         self._sync._SyncObj__raftLog = self.divergence  # type: ignore[attr-defined]
 

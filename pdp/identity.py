@@ -178,6 +178,7 @@ def load_node_identity(data_dir: Path, name: str, create: bool = True) -> Identi
         if not create:
             raise ConfigError(f"no node identity at {path}: run `pdp party init` or `pdp join TOKEN` first") from None
         ident = new_identity(name, "node")
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the node's private files live here
         write_private(path, ident.key_pem + ident.cert_pem)
         return ident
     key_end = text.index("-----END PRIVATE KEY-----") + len("-----END PRIVATE KEY-----\n")

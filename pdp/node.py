@@ -63,6 +63,8 @@ OWN_NAME_OPS = frozenset({"member", "leave"})  # ... of these only about the ask
 # ... and these only with the signature of who asked (a relaying member cannot forge them): op -> request
 SIGNED_OPS = {"token": "invite", "withdraw": "withdraw", "revoke": "uninvite", "rekey": "rekey"}
 MAX_FILES_PER_FETCH = 1024
+MAX_INPUT = 1 << 40  # bytes of one input copy a member stores (the state's cap too)
+MAX_RESULT = 1 << 40
 JANITOR_EVERY = 10.0  # seconds between sweeps of the spool for files of ended jobs
 
 
@@ -119,6 +121,7 @@ class Node:
         self.peers = Peers(self.ident, self.pins)
         self.trusted: frozenset[str] = frozenset()  # fingerprints in the current TLS trust store
         self.tls_ctx = tls.server_context(self.ident, [r["cert"] for r in self.party.known.values()])
+        self.handshakes = tls.HandshakeWatch()
         self.connections: set[Connection] = set()
         self.per_host: dict[str, int] = {}  # open data-plane connections (and handshakes) per peer host
         self.handlers: dict[str, Handler] = {}
@@ -129,7 +132,6 @@ class Node:
         self.exit_code = 0
         self.voter = True
         self.registered = asyncio.Event()
-        self.seen_members: set[str] = set()  # names once admitted: only those can be cut off
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -151,7 +153,8 @@ class Node:
         loop.set_exception_handler(_quiet_tls_errors)
         try:
             server = await asyncio.start_server(self._on_connect, host, port, ssl_handshake_timeout=10.0,
-                                                ssl=tls.listening_context(self.ident, lambda: self.tls_ctx))
+                                                ssl=tls.listening_context(self.ident, lambda: self.tls_ctx,
+                                                                          self.handshakes))
         except OSError as exc:
             log.error("cannot listen on %s: %s", cfg.listen, exc)
             _stop_pool(self.pool)
@@ -201,6 +204,7 @@ class Node:
         return self.exit_code
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handshakes.finished()
         host = str((writer.get_extra_info("peername") or ("?",))[0])
         if self.per_host.get(host, 0) >= MAX_CONNECTIONS_PER_HOST or sum(self.per_host.values()) >= MAX_CONNECTIONS:
             log.warning("refused a connection from %s: too many open (%d from there, %d in all)", host,
@@ -602,10 +606,15 @@ class Node:
     async def _store_file(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """Keep a copy of a job file another member sends (a result's second copy, checked
         against the SHA-256 the sender recorded: nothing damaged is stored)."""
-        digest = str(hdr.get("sha256") or "")
-        if hdr["name"] == "result" and not digest:
-            raise PdpError("a copy of a result needs its sha256")
-        size = await recv_file(stream, self.spool.file(str(hdr["job"]), str(hdr["name"])), sha256=digest or None)
+        digest, job_id = str(hdr.get("sha256") or ""), str(hdr["job"])
+        if hdr["name"] != "result" or not digest:
+            raise PdpError("only a job's result is stored this way, with its sha256")
+        assert self.consensus is not None
+        with self.consensus.reading() as state:
+            job = state.jobs.get(job_id)
+            if job is None or job.state not in ACTIVE:
+                raise PdpError(f"no running job {job_id}: its result is not stored here")
+        size = await recv_file(stream, self.spool.file(job_id, "result"), sha256=digest, limit=MAX_RESULT)
         await stream.send({"t": "stored", "size": size})
 
     def spool_full(self, adding: int) -> str:
@@ -621,10 +630,13 @@ class Node:
 
     async def _store_input(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """Keep the second copy of a job input, streamed by the gateway while it receives it."""
-        full = self.spool_full(int(hdr.get("size", 0)))
+        declared = int(hdr["size"])
+        if not 0 <= declared <= MAX_INPUT:
+            raise PdpError(f"an input of {declared} bytes is not stored")
+        full = self.spool_full(declared)
         if full:
             raise PdpError(full)
-        size = await recv_file(stream, self.spool.input(str(hdr["file"])), timeout=60.0, sums=True)
+        size = await recv_file(stream, self.spool.input(str(hdr["file"])), timeout=60.0, sums=True, limit=declared)
         await stream.send({"t": "stored", "size": size})
 
     # -- outbound file transfers ------------------------------------------------------------

@@ -19,7 +19,7 @@ import msgpack
 
 from pdp.config import DEFAULT_PORT, default_config_file, default_data_dir
 from pdp.errors import ConfigError, PdpError
-from pdp.identity import (Credential, Identity, load_node_identity, new_credential, new_identity,
+from pdp.identity import (Credential, Identity, default_credential_path, load_node_identity, new_identity,
                           node_identity_path, parse_token, sign, write_private)
 from pdp.partyfile import FILE, PartyFile, found
 from pdp.transport import ConnectionLost, dial
@@ -105,9 +105,13 @@ async def join_party(token_text: str, data_dir: Path | None, listen: str, advert
     """``pdp join TOKEN``: make this machine's identity and register it with the party."""
     token = parse_token(token_text)
     if token.kind == "user":
-        cred = new_credential(cred_path, token.name, set(token.pins), force=force)
-        answer = await _redeem(token, cred.identity)
+        path = cred_path or default_credential_path()
+        if path.exists() and not force:
+            raise ConfigError(f"{path} already exists; pass --force to replace it (or --key-file elsewhere)")
+        cred = Credential(new_identity(token.name, "user"), set(token.pins), path)
+        answer = await _redeem(token, cred.identity)  # saved only once the party took it
         cred.learn({fp: str(r.get("addr") or "") for fp, r in answer["known"].items() if r["kind"] == "node"})
+        cred.save()
         return [f"joined as user {token.name}: id {cred.identity.display}; credential {cred.path}",
                 "submit with `pdp submit wordcount FILE --node HOST:PORT`"]
     data_dir = data_dir or default_data_dir()

@@ -416,7 +416,7 @@ class State:
                     return _err(f"bad {kind} name {str(name)[:80]!r}: 1-64 printable characters without spaces")
                 if name in names:
                     return _err(f"the name {name!r} is given twice")
-                names.add(name)
+                names.add(str(name))
                 bad = self._check_key(fp, cert)
                 if bad:
                     return _err(f"{kind} {name}: {bad}")
@@ -426,7 +426,7 @@ class State:
                     return _err(f"{kind} {name}: addr must be a string, admin a bool")
                 if kind == "node" and admin:
                     return _err(f"node {name}: only users are admins")
-                records[fp] = self._identity_record(name, kind, admin, cert, float(now), "genesis", addr)
+                records[str(fp)] = self._identity_record(str(name), kind, admin, str(cert), float(now), "genesis", addr)
         self.identities = records
         for rec in records.values():
             if rec["kind"] == "node":

@@ -84,19 +84,20 @@ def _plain_blocks(f: BinaryIO, start: int, end: int) -> Iterator[bytes]:
 
 
 async def recv_file(stream: Stream, path: Path, timeout: float = 30.0, durable: bool = True, sums: bool = False,
-                    sha256: str | None = None) -> int:
+                    sha256: str | None = None, limit: int | None = None) -> int:
     """Receive ``data`` frames into ``path`` (atomically) until ``end``; returns the size.
 
     Each frame is checked against its CRC. ``durable=False`` for intermediate files the
     party can recompute (no fsync); ``sums`` also stores a sidecar of block checksums
     (written before the file is renamed into place); ``sha256`` (hex) must match the whole
-    file or nothing is stored. A mismatch raises :class:`Damaged` naming the sender."""
+    file or nothing is stored. A mismatch raises :class:`Damaged` naming the sender; more than
+    ``limit`` bytes (the size the sender declared) raises ProtocolError and stores nothing."""
     what = f"{path.name} from {peer_of(stream)}"
     blocks, digest = BlockSums() if sums else None, hashlib.sha256() if sha256 else None
     wrote_sums = False
     try:
         with atomic_writer(path, durable=durable) as f:
-            size = await _receive(stream, f, timeout, what, blocks, digest)
+            size = await _receive(stream, f, timeout, what, blocks, digest, limit)
             if digest is not None and digest.hexdigest() != sha256:
                 raise Damaged(f"{what} arrived damaged: its SHA-256 is not the recorded one")
             if blocks is not None:
@@ -110,15 +111,17 @@ async def recv_file(stream: Stream, path: Path, timeout: float = 30.0, durable: 
 
 
 async def _receive(stream: Stream, f: Any, timeout: float, what: str, blocks: BlockSums | None,
-                   digest: Any) -> int:
+                   digest: Any, limit: int | None = None) -> int:
     size = 0
     while True:
         frame = await stream.recv(timeout)
         kind = frame.header["t"]
         if kind == "data":
             check_data(frame.header, frame.payload, what)
-            f.write(frame.payload)
             size += len(frame.payload)
+            if limit is not None and size > limit:
+                raise ProtocolError(f"{what}: more than the {limit} bytes declared")
+            f.write(frame.payload)
             if blocks is not None:
                 blocks.update(frame.payload)
             if digest is not None:

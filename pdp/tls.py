@@ -20,6 +20,7 @@ import logging
 import os
 import ssl
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 
 from pdp.errors import AuthError
@@ -54,7 +55,6 @@ def server_context(ident: Identity, trusted_pems: Iterable[str]) -> ssl.SSLConte
     pems = "".join(sorted(set(trusted_pems)))
     if pems:
         ctx.load_verify_locations(cadata=pems)
-    ctx._msg_callback = _log_refusal  # type: ignore[attr-defined]
     return ctx
 
 
@@ -64,24 +64,61 @@ _ALERTS = {42: "a bad certificate", 48: "a certificate that is not a party membe
            116: "no certificate where one is required"}
 
 
-def _log_refusal(_conn: object, direction: str, _version: object, content_type: object, _msg: object,
-                 data: bytes) -> None:
-    """The listener refused a handshake (the TLS layer sends a fatal alert): say why in the log.
-    (asyncio reports failed server handshakes only in debug mode.)"""
-    alert = ssl._TLSContentType.ALERT  # type: ignore[attr-defined]
-    if direction == "write" and content_type == alert and len(data) == 2 and data[0] == 2:
-        log.warning("refused a TLS connection: the dialer presented %s", _ALERTS.get(data[1], f"alert {data[1]}"))
-
-
-def listening_context(ident: Identity, current: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+def listening_context(ident: Identity, current: Callable[[], ssl.SSLContext],
+                      watch: HandshakeWatch | None = None) -> ssl.SSLContext:
     """The context the listening socket keeps: each handshake switches to ``current()``."""
     base = server_context(ident, [])
 
     def pick(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        sslobj.context = current()
+        ctx = current()
+        if watch is not None:
+            watch.started(ctx)
+        sslobj.context = ctx
 
     base.sni_callback = pick  # type: ignore[assignment]
     return base
+
+
+class HandshakeWatch:
+    """Says in the log why the listener refused a handshake (asyncio reports failed server
+    handshakes only in debug mode): while handshakes are in flight, OpenSSL's message hook
+    shows the fatal alert the listener sends. The hook runs for every TLS record (it cost a
+    third of the throughput), so it is only installed while a handshake is under way;
+    connections are long-lived and pooled."""
+
+    STALE = 15.0  # a handshake that neither finished nor failed this long is forgotten
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.deadline = 0.0
+        self.hooked: list[ssl.SSLContext] = []
+
+    def started(self, ctx: ssl.SSLContext) -> None:
+        now = time.monotonic()
+        if now > self.deadline:
+            self.pending = 0
+        self.pending += 1
+        self.deadline = now + self.STALE
+        if ctx not in self.hooked:
+            ctx._msg_callback = self._on_message  # type: ignore[attr-defined]
+            self.hooked.append(ctx)
+
+    def finished(self) -> None:
+        """A handshake completed (the connection reached the application) or failed."""
+        self.pending -= 1
+        if self.pending <= 0:
+            self.pending = 0
+            for ctx in self.hooked:
+                ctx._msg_callback = None  # type: ignore[attr-defined]
+            self.hooked.clear()
+
+    def _on_message(self, _conn: object, direction: str, _version: object, content_type: object, _msg: object,
+                    data: bytes) -> None:
+        alert = ssl._TLSContentType.ALERT  # type: ignore[attr-defined]
+        if direction == "write" and content_type == alert and len(data) == 2 and data[0] == 2:
+            log.warning("refused a TLS connection: the dialer presented %s",
+                        _ALERTS.get(data[1], f"alert {data[1]}"))
+            self.finished()
 
 
 def client_context(ident: Identity | None) -> ssl.SSLContext:

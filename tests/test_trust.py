@@ -259,3 +259,22 @@ def test_a_member_node_cannot_forge_identity_changes(party: LocalParty, tmp_path
         _run(Client(party.addr(0), mallory).__aenter__())
     ann = _run(Client(party.addr(0), party.cred("ann")).__aenter__())  # ann was not revoked
     ann.conn.close()  # type: ignore[union-attr]
+
+
+def test_rekey_gives_a_new_key_and_the_old_one_stops_working(party: LocalParty) -> None:
+    from pdp.setup import rekey_identity
+
+    bob = party.cred("bob")
+    old = bob.identity
+    message = _run(rekey_identity(party.addr(1), bob, None))
+    assert "new id" in message
+    fresh = party.cred("bob")  # the file now holds the new key
+    assert fresh.identity.fp != old.fp
+
+    async def whoami(cred: Credential) -> dict[str, Any]:
+        async with Client(party.addr(2), cred) as c:
+            return await c.whoami()
+
+    assert _run(whoami(fresh))["name"] == "bob"
+    with pytest.raises(AuthError):
+        _run(whoami(Credential(old, set(party.key.pins))))
