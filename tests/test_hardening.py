@@ -53,7 +53,7 @@ async def _attack(party: LocalParty, data: bytes) -> tuple[int, bool]:
     conn.writer.write(data)
     await conn.writer.drain()
     try:
-        await asyncio.wait_for(asyncio.shield(conn.reader_task), 2)  # type: ignore[arg-type]
+        await asyncio.wait_for(asyncio.shield(conn.reader_task), 0.5)  # type: ignore[arg-type]
         dropped = True
     except asyncio.TimeoutError:
         dropped = False

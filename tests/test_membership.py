@@ -171,3 +171,16 @@ def test_members_leave_cleanly_mid_job_even_the_leader(party: LocalParty, corpus
     st = asyncio.run(party.status(rest[0]))
     assert st["leader"] in [party.names[i] for i in rest]
     assert {m["name"] for m in st["members"]} == {party.names[i] for i in rest}
+
+
+def test_a_party_of_one_grows_its_core(make_party: Callable[..., LocalParty], tmp_path: Path) -> None:
+    """`pdp party init` makes a core of one; the README's next steps invite, join and seat
+    a second voter, whose vote the change itself needs."""
+    party = make_party("sleep=0.05", n=1)
+    party.add_node("second", peers=[0], token=_token(party, "second"))
+    _wait(lambda: _voters(party).get("second") is False, 30, "second to join as a worker")
+    res = _cli(party, "core", "add", "second")
+    assert res.returncode == 0, res.stderr
+    _wait(lambda: _voters(party).get("second") is True, 30, "second to hold a Raft seat")
+    views = [_status(party, i) for i in (0, 1)]
+    assert len({v["leader"] for v in views}) == 1 and None not in {v["leader"] for v in views}
