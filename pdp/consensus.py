@@ -33,7 +33,7 @@ from typing import Any
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
 from pdp import raftnet
-from pdp.durable import DurableJournal, install_durable_dumps, make_durable
+from pdp.durable import DurableJournal, JournalProxy, install_durable_dumps, make_durable
 from pdp.errors import ConfigError, PdpError, ProtocolError
 from pdp.raftnet import Bridge
 from pdp.state import State
@@ -83,13 +83,15 @@ class _Replica(SyncObjConsumer):
     def __init__(self, on_apply: Callable[[], None]) -> None:
         self.lock = threading.Lock()
         self.on_apply = on_apply
+        self.entry_term: Callable[[], int | None] = lambda: None
         super().__init__()
         self.state = State()
 
     @replicated
     def apply(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        term = self.entry_term()  # the Raft term of the entry being applied: orders must carry it
         with self.lock:
-            result = self.state.apply(cmd)
+            result = self.state.apply(cmd, term)
         _safe(self.on_apply)
         return result
 
@@ -120,7 +122,7 @@ class _TruncationCounter(logging.Handler):
             self.count += 1
 
 
-class _DivergenceWatch:
+class _DivergenceWatch(JournalProxy):
     """Wraps pysyncobj's journal to tell a harmless truncation from a real divergence.
 
     pysyncobj's follower deletes every entry after ``prevLogIdx`` whenever the leader
@@ -154,15 +156,6 @@ class _DivergenceWatch:
     def clear(self) -> None:
         self._deleted.clear()
         self._journal.clear()
-
-    def __getitem__(self, item: Any) -> Any:
-        return self._journal[item]
-
-    def __len__(self) -> int:
-        return len(self._journal)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._journal, name)
 
 
 def _keep_next_index_monotonic(sync: SyncObj) -> None:
@@ -247,6 +240,7 @@ class Consensus:
         journal = self._sync._SyncObj__raftLog  # type: ignore[attr-defined]
         self.durable = make_durable(journal, dump_file=conf.fullDumpFile)
         self._sync.addOnTickCallback(self.durable.flush)  # a core of one sends no acks: flush every tick too
+        self.replica.entry_term = self._entry_term
         self.divergence = _DivergenceWatch(self.durable, lambda: int(self._sync.raftLastApplied))
         self._sync._SyncObj__raftLog = self.divergence  # type: ignore[attr-defined]
 
@@ -285,6 +279,17 @@ class Consensus:
         if set(ids) != set(raftnet.FUNC_IDS):  # pragma: no cover - a second @replicated method
             raise RuntimeError(f"pysyncobj method ids {sorted(ids)}, the screen allows {sorted(raftnet.FUNC_IDS)}")
         return next(iter(raftnet.FUNC_IDS))
+
+    def _entry_term(self) -> int | None:
+        """On the tick thread, inside pysyncobj's apply loop: the term of the entry it applies
+        (it applies entry raftLastApplied + 1, then counts it)."""
+        log_ = self._sync._SyncObj__raftLog  # type: ignore[attr-defined]
+        idx = int(self._sync.raftLastApplied) + 1
+        try:
+            entry = log_[idx - int(log_[0][1])]
+        except (IndexError, TypeError, ValueError):
+            return None
+        return int(entry[2]) if int(entry[1]) == idx else None
 
     def _notify(self) -> None:
         if not self._loop.is_closed():

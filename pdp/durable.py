@@ -73,7 +73,23 @@ class DurableMetaStorer(MetaStorer):
         self.renamed = True
 
 
-class DurableJournal:
+class JournalProxy:
+    """Stands in for a wrapped pysyncobj journal (``self._journal``): what a subclass does not
+    override is the wrapped journal's."""
+
+    _journal: Any
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._journal[item]
+
+    def __len__(self) -> int:
+        return len(self._journal)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._journal, name)
+
+
+class DurableJournal(JournalProxy):
     """A pysyncobj journal whose writes become durable on :meth:`flush` (see the module doc).
 
     Every other attribute is the wrapped journal's, so it stands in for it anywhere."""
@@ -163,16 +179,6 @@ class DurableJournal:
         self.flush()
         self._journal._destroy()
 
-    # -- everything else is the wrapped journal's ----------------------------------------
-
-    def __getitem__(self, item: Any) -> Any:
-        return self._journal[item]
-
-    def __len__(self) -> int:
-        return len(self._journal)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._journal, name)
 
 
 def make_durable(journal: Any, dump_file: str | None = None) -> DurableJournal:

@@ -313,8 +313,12 @@ class State:
 
     # -- entry point ------------------------------------------------------------------
 
-    def apply(self, cmd: Cmd) -> Result:
-        """Apply one command; never raises (a raising Raft method would wedge the log)."""
+    def apply(self, cmd: Cmd, raft_term: int | None = None) -> Result:
+        """Apply one command; never raises (a raising Raft method would wedge the log).
+
+        ``raft_term`` is the Raft term of the log entry that carries the command (from Raft,
+        not from the proposer): an order (an assignment, a completion, a master's claim...)
+        must be stamped with it, so only the leader of that term could have written it."""
         self.applied += 1
         try:
             op = cmd.get("op") if isinstance(cmd, dict) else None
@@ -324,6 +328,11 @@ class State:
             if not plain(cmd):
                 return _err(f"command {op!r} holds something other than plain values (bytes, objects, "
                             f"or nesting deeper than {MAX_DEPTH})", bad_request=True)
+            if raft_term is not None and op in ORDERS and cmd.get("term") != raft_term:
+                return _err(f"order {op!r} stamped with term {cmd.get('term')!r} in an entry of Raft term "
+                            f"{raft_term}", stale=True)
+            if op == "batch":
+                return self._batch(cmd, raft_term)
             return handler(self, cmd)
         except Exception as exc:  # a bug must not stop the log: report it as a value
             return _err(f"internal error applying {cmd.get('op')!r}: {type(exc).__name__}: {exc}")
@@ -882,10 +891,10 @@ class State:
             t.runs = {}
         return {"ok": True}
 
-    def _batch(self, c: Cmd) -> Result:
+    def _batch(self, c: Cmd, raft_term: int | None = None) -> Result:
         if not isinstance(c["cmds"], list):
             return _err("batch needs a list of commands")
-        return {"ok": True, "results": [self.apply(sub) for sub in c["cmds"]]}
+        return {"ok": True, "results": [self.apply(sub, raft_term) for sub in c["cmds"]]}
 
     # -- queries (read-only helpers for the shell) ---------------------------------------
 
@@ -916,6 +925,7 @@ class State:
         return None
 
 
+ORDERS = frozenset({"master", "assign", "complete", "release", "lost", "redo", "fail", "finish"})
 _HANDLERS = {
     "member": State._member,
     "master": State._master,

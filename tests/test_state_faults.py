@@ -153,3 +153,17 @@ def test_a_stalled_attempt_given_up_on_may_still_win_but_only_on_its_own_node() 
     assert _complete(s, "map", 0, "n2", first)["ok"]  # the stalled one finished first: it wins
     assert s.jobs["j"].maps[0].node == "n2"
     assert not _complete(s, "map", 0, "n3", second)["ok"]  # the other attempt lost the race
+
+
+def test_orders_must_carry_the_raft_term_of_their_entry() -> None:
+    """The term an order names is checked against the term Raft gives its log entry, not only
+    against the master field: an order stamped for another term changes nothing."""
+    s = _state()
+    before = repr(vars(s.jobs["j"]))
+    cmd = {"op": "assign", "job": "j", "phase": "map", "index": 0, "node": "b", "term": s.master["term"],
+           "lease_until": 10.0}
+    assert s.apply(cmd, raft_term=s.master["term"] + 1)["stale"]
+    assert s.apply({"op": "batch", "cmds": [cmd]}, raft_term=s.master["term"] + 1)["results"][0]["stale"]
+    assert repr(vars(s.jobs["j"])) == before
+    assert s.apply(cmd, raft_term=s.master["term"])["ok"]
+    assert s.apply({"op": "master", "term": 9, "name": "x", "data_addr": "x:1"}, raft_term=8)["stale"]
