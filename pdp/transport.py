@@ -35,6 +35,7 @@ HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # a connection with no traffic and no open stream this long is closed
 STREAM_QUEUE = 16
 MAX_STREAMS = 256  # open requests one peer may have on one connection
+STREAM_STALL = 10.0  # a stream whose frames are not read this long is cut off (the connection goes on)
 ONEWAY_BUFFER = 4 * 1024 * 1024  # a one-way message is dropped while this much waits unsent (Raft resends)
 PROTOCOL_VERSION = 2
 Handler = Callable[["Stream", dict[str, Any], bytes], Awaitable[None]]
@@ -123,6 +124,7 @@ class Connection:
         self.tasks: set[asyncio.Task[None]] = set()
         self.reader_task: asyncio.Task[None] | None = None
         self.on_close: list[Callable[[Connection], None]] = []
+        self.gone: set[int] = set()  # streams cut off for not being read
 
     @property
     def peer_name(self) -> str:
@@ -202,9 +204,14 @@ class Connection:
             return
         if not isinstance(sid, int):
             raise ProtocolError("frame without a stream id")
+        if sid in self.gone:
+            return  # the rest of a stream that was cut off for not being read
         stream = self.streams.get(sid)
         if stream is not None:
-            await stream.queue.put(frame)
+            if stream.queue.full():
+                await self._wait_for_room(stream, frame)
+            else:
+                stream.queue.put_nowait(frame)
             return
         if self.handlers is None:
             return  # a late frame for a stream we gave up on
@@ -215,6 +222,19 @@ class Connection:
         task = asyncio.create_task(self._serve(stream, frame))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def _wait_for_room(self, stream: Stream, frame: wire.Frame) -> None:
+        """A stream whose reader lags holds up the connection (TCP pushes back on the peer),
+        but not for long: after STREAM_STALL seconds that stream alone is cut off."""
+        try:
+            await asyncio.wait_for(stream.queue.put(frame), STREAM_STALL)
+        except asyncio.TimeoutError:
+            log.warning("%s: stream %d was not read for %g s; dropped it", self.peer, stream.sid, STREAM_STALL)
+            self.streams.pop(stream.sid, None)
+            self.gone.add(stream.sid)
+            with contextlib.suppress(asyncio.QueueEmpty):
+                stream.queue.get_nowait()
+            stream.queue.put_nowait(None)  # its reader sees the connection as lost
 
     async def _serve(self, stream: Stream, frame: wire.Frame) -> None:
         kind = frame.header["t"]
