@@ -300,7 +300,7 @@ class Gateway:
         await self._commit({"op": "token", "name": name, "kind": kind, "token_hash": token_hash(secret),
                             "expires": now + ttl, "by": stream.conn.who.name, "now": now,
                             "replace": bool(hdr.get("replace")), "auth": hdr.get("auth")}, patience=10.0)
-        ids = self.node._identities()
+        ids = self.node.identities()
         pins = sorted(fp for fp, r in ids.items() if r["kind"] == "node")
         token = Token(name, kind, tuple(self._join_addrs()), tuple(pins), secret, now + ttl)
         log.warning("%s invited %s %s (token valid %.0f s)", stream.conn.who.label, kind, name, ttl)
@@ -343,9 +343,7 @@ class Gateway:
         log.warning("%s %s joined the party (id %s)", res["kind"], res["name"], fp[:16])
         await self._wait_identity(fp)
         assert self.node.consensus is not None
-        known = self.node._identities()
-        for rec in known.values():
-            rec.setdefault("addr", "")
+        known = {fp: {**rec, "addr": rec.get("addr", "")} for fp, rec in self.node.identities().items()}  # copies
         with self.node.consensus.reading() as state:
             for rec in known.values():
                 member = state.members.get(rec["name"])
@@ -358,7 +356,7 @@ class Gateway:
     async def _wait_identity(self, fp: str, patience: float = 5.0) -> None:
         """Until this member's copy of the log shows the new identity (it may lag the commit)."""
         deadline = time.monotonic() + patience
-        while fp not in self.node._identities() and time.monotonic() < deadline:
+        while fp not in self.node.identities() and time.monotonic() < deadline:
             await self.node.changes.wait(0.2)
 
     async def _rekey(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
@@ -381,7 +379,7 @@ class Gateway:
     def _node_addrs(self) -> dict[str, str]:
         """Every member node's fingerprint -> its address."""
         assert self.node.consensus is not None
-        ids = self.node._identities()
+        ids = self.node.identities()
         with self.node.consensus.reading() as state:
             addr = {m.name: m.data_addr for m in state.members.values()}
         return {fp: addr.get(r["name"]) or r.get("addr", "") for fp, r in ids.items() if r["kind"] == "node"}

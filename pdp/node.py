@@ -300,8 +300,9 @@ class Node:
 
     # -- who is who -------------------------------------------------------------------------
 
-    def _identities(self) -> dict[str, dict[str, Any]]:
-        """The party's identities: the replicated list once it has any, else the party file's."""
+    def identities(self) -> dict[str, dict[str, Any]]:
+        """The party's identities: the replicated list once it has any, else the party file's.
+        The records are the state's own: read them, never change them."""
         c = self.consensus
         if c is not None:
             with c.reading() as state:
@@ -313,13 +314,13 @@ class Node:
         """Who the proven certificate ``fp`` is, or why it may not come in."""
         if fp is None:
             return ANONYMOUS
-        record = self._identities().get(fp)
+        record = self.identities().get(fp)
         if record is None:
             return "this identity is not a member of the party (never joined, or revoked)"
         return Peer(fp, str(record["name"]), str(record["kind"]), bool(record.get("admin")))
 
     def authorize(self, conn: Connection, kind: str) -> None:
-        if conn.who.fp is not None and conn.who.fp not in self._identities():
+        if conn.who.fp is not None and conn.who.fp not in self.identities():
             conn.close()  # revoked while connected
             raise authz.Forbidden("this identity was revoked")
         authz.check(conn.who, kind, is_master=conn.who.name == self.master_addr_name())
@@ -327,7 +328,7 @@ class Node:
     def pins(self, addr: str) -> set[str]:
         """The fingerprint(s) the member node at ``addr`` must prove (any member node's if
         the address is not one this node knows)."""
-        ids = self._identities()
+        ids = self.identities()
         nodes = {fp for fp, r in ids.items() if r["kind"] == "node"}
         c = self.consensus
         name = next((r["name"] for r in ids.values() if r.get("addr") == addr and r["kind"] == "node"), None)
@@ -345,7 +346,7 @@ class Node:
                 member = state.members.get(name)
                 if member is not None:
                     return member.data_addr
-        return next((r.get("addr") or None for r in self._identities().values()
+        return next((r.get("addr") or None for r in self.identities().values()
                      if r["name"] == name and r["kind"] == "node" and r.get("addr")), None)
 
     def _shunned(self, why: str) -> None:
@@ -361,7 +362,7 @@ class Node:
     def _enforce_identities(self) -> None:
         """Follow the replicated identities: a new trust store when they change, and the
         connections of revoked ones closed at once (this node stops if it was revoked)."""
-        ids = self._identities()
+        ids = self.identities()
         fps = frozenset(ids)
         if fps == self.trusted:
             return
@@ -437,7 +438,7 @@ class Node:
         """A relayed identity change carries the signature of who asked for it: an admin (or,
         for a new key, the identity itself), over the same request."""
         auth: dict[str, Any] = cmd["auth"] if isinstance(cmd.get("auth"), dict) else {}
-        record = self._identities().get(str(auth.get("fp")))
+        record = self.identities().get(str(auth.get("fp")))
         if record is None:
             raise authz.Forbidden(f"forbidden: {cmd['op']!r} is not signed by an identity of the party")
         try:
