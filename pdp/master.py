@@ -355,7 +355,8 @@ class Master:
         tasks = [t for t in hdr.get("tasks") or [] if isinstance(t, dict)]
         for t in tasks:
             self._watch(t, now)
-        self.live[name] = {"seen": now, "tasks": tasks, "slots": int(hdr.get("slots", 0)),
+        first = self.live.get(name, {}).get("first", now)
+        self.live[name] = {"seen": now, "first": first, "tasks": tasks, "slots": int(hdr.get("slots", 0)),
                            "paused": str(hdr.get("paused", ""))}
         await stream.send({"t": "ok", "master": self.node.name, "abort": self._to_abort(name, tasks)})
 
@@ -421,7 +422,7 @@ class Master:
         with c.reading() as state:
             members = {m.name: m.data_addr for m in state.members.values()}
             running: list[dict[str, Any]] = [
-                {"job": j.id, "phase": t.phase, "index": t.index, "attempt": attempt, "node": node}
+                {"job": j.id, "phase": t.phase, "index": t.index, "attempt": attempt, "node": node, "term": t.term}
                        for j in state.active_jobs() for t in j.maps + j.reduces if t.state == "running"
                        for attempt, node in t.runs.items()]
             holding = {t.node for j in state.active_jobs() for t in j.maps + j.reduces if t.node}
@@ -435,12 +436,10 @@ class Master:
             elif (name not in self.live or silent > 2 * self.node.config.heartbeat) \
                     and await self._refused(name, members[name], now):
                 await self._declare_lost(name, "its node process is gone (connection refused)")
-        if now - self.since < self.dead_after + self.node.config.heartbeat:
-            return  # a new master first hears from every member before judging single tasks
         for t in running:
             if t["node"] in self.declared_dead:
                 continue
-            reason = self._expired(t, now)
+            reason = self._unheld(t) or self._expired(t, now)
             if reason:
                 await self._release(t, reason, may_finish=reason.startswith("stalled"))
         live_keys = {(t["job"], t["phase"], t["index"], t["attempt"]) for t in running}
@@ -471,9 +470,24 @@ class Master:
         writer.close()
         return False
 
+    def _unheld(self, t: dict[str, Any]) -> str:
+        """An attempt a former master assigned that its member has not listed in a heartbeat
+        sent a full interval after this master took over: the assignment was committed but
+        never reached the member (the master died in between). It runs again at once."""
+        key = (t["job"], t["phase"], t["index"], t["attempt"])
+        if t["term"] >= self.term or key in self.watch:
+            return ""  # assigned by this master, or listed by its member
+        first = self.live.get(t["node"], {}).get("first", 0.0)
+        seen = self.live.get(t["node"], {}).get("seen", 0.0)
+        if first and seen - max(first, self.since) > 2 * self.node.config.heartbeat:
+            return f"lost on {t['node']}"
+        return ""
+
     def _expired(self, t: dict[str, Any], now: float) -> str:
         """Why a running attempt's lease is over, or "" while it holds."""
         key = (t["job"], t["phase"], t["index"], t["attempt"])
+        if now - self.since < self.dead_after + self.node.config.heartbeat:
+            return ""  # a new master first hears from every member before judging by time
         entry = self.watch.get(key)
         if entry is None:  # first noticed (just assigned, or a new master): full grace
             self.watch[key] = [-1.0, now, now]
