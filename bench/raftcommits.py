@@ -19,8 +19,6 @@ import argparse
 import json
 import logging
 import os
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +30,8 @@ from typing import Any
 
 from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.transport import TCPTransport
+
+from pdp.local import free_ports
 
 
 PASSWORD = "bench-raftcommits"
@@ -58,21 +58,6 @@ class Counter(SyncObjConsumer):
     def add(self, payload: bytes) -> int:
         self.n += 1
         return self.n
-
-
-def free_ports(k: int) -> list[int]:
-    """``k`` distinct ports free on 127.0.0.1, below the kernel's ephemeral range (a port
-    from it could meanwhile become some connection's source port)."""
-    ports: set[int] = set()
-    while len(ports) < k:
-        port = random.randrange(12000, 30000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.add(port)
-    return sorted(ports)
 
 
 # -- one node (a subprocess) ----------------------------------------------------------------

@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,7 +306,7 @@ SIGNED_FOR = 300.0  # seconds a signed request stays valid
 def sign(ident: Identity, body: dict[str, Any]) -> dict[str, str]:
     """Sign a request with this identity's key, so the master can check who asked even when a
     member node relays it: ``{"fp", "body" (canonical JSON with a time and a nonce), "sig"}``."""
-    full = {**body, "ts": round(__import__("time").time(), 3), "nonce": secrets.token_hex(8)}
+    full = {**body, "ts": round(time.time(), 3), "nonce": secrets.token_hex(8)}
     text = json.dumps(full, sort_keys=True, separators=(",", ":"))
     key = serialization.load_pem_private_key(ident.key_pem.encode("ascii"), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)

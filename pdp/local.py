@@ -47,6 +47,15 @@ def free_port_pair() -> int:
     raise PdpError("no free pair of TCP ports on 127.0.0.1")
 
 
+def free_ports(k: int) -> list[int]:
+    """``k`` distinct ports free on 127.0.0.1 right now, from the same range (and for the same
+    reason) as :func:`free_port_pair`."""
+    ports: set[int] = set()
+    while len(ports) < k:
+        ports.add(free_port_pair())
+    return sorted(ports)
+
+
 def _ephemeral_range() -> tuple[int, int]:
     try:
         low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()

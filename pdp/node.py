@@ -119,7 +119,7 @@ class Node:
         self.spool = Spool(config.data_dir / "spool")
         self.changes = Changes()
         self.peers = Peers(self.ident, self.pins)
-        self.trusted: frozenset[str] = frozenset()  # fingerprints in the current TLS trust store
+        self.trusted = frozenset(self.party.known)  # fingerprints in the current TLS trust store
         self.tls_ctx = tls.server_context(self.ident, [r["cert"] for r in self.party.known.values()])
         self.handshakes = tls.HandshakeWatch()
         self.connections: set[Connection] = set()
@@ -320,7 +320,7 @@ class Node:
         return Peer(fp, str(record["name"]), str(record["kind"]), bool(record.get("admin")))
 
     def authorize(self, conn: Connection, kind: str) -> None:
-        if conn.who.fp is not None and conn.who.fp not in self.identities():
+        if conn.who.fp is not None and conn.who.fp not in self.trusted:
             conn.close()  # revoked while connected
             raise authz.Forbidden("this identity was revoked")
         authz.check(conn.who, kind, is_master=conn.who.name == self.master_addr_name())

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import pickletools
+import pickle  # only pickle.dumps of our own plain commands (what pysyncobj logs); nothing here loads a pickle
+import pickletools  # screen: genops reads the opcodes of received entries without running them
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -203,7 +203,7 @@ class _Screen:
 
     def run(self, payload: bytes) -> Any:
         try:
-            for opcode, arg, pos in pickletools.genops(payload):
+            for opcode, arg, pos in pickletools.genops(payload):  # screen: network bytes, read never run
                 if (pos == 0) != (opcode.name == "PROTO") or (pos == 0 and arg != 2):
                     raise ProtocolError("not a protocol-2 pickle")
                 if pos == 0:

@@ -14,13 +14,14 @@ import asyncio
 import getpass
 import socket
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
 from pdp.config import DEFAULT_PORT, default_config_file, default_data_dir
 from pdp.errors import ConfigError, PdpError
 from pdp.identity import (Credential, Identity, default_credential_path, load_node_identity, new_identity,
-                          node_identity_path, parse_token, sign, write_private)
+                          node_identity_path, parse_token, sign, write_private, Token)
 from pdp.partyfile import FILE, PartyFile, found
 from pdp.transport import ConnectionLost, dial
 
@@ -128,10 +129,8 @@ async def join_party(token_text: str, data_dir: Path | None, listen: str, advert
     return [f"joined as node {token.name}: id {ident.display}", f"settings in {conf}; start it with `{start}`"]
 
 
-async def _redeem(token: object, ident: Identity) -> dict:
-    from pdp.identity import Token
-
-    assert isinstance(token, Token)
+async def _redeem(token: Token, ident: Identity) -> dict[str, Any]:
+    """Spend ``token`` for ``ident``'s certificate at the first of its addresses that answers."""
     errors = []
     for addr in token.addrs:
         try:

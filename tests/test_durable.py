@@ -8,8 +8,6 @@ file, by path, with pysyncobj's own record format.
 from __future__ import annotations
 
 import os
-import random
-import socket
 import struct
 import threading
 import time
@@ -25,7 +23,8 @@ from pysyncobj.pickle import loads
 from pysyncobj.transport import TCPTransport
 
 from pdp import fsutil
-from pdp.durable import DurableJournal, durable_replace, install_durable_dumps, make_durable
+from pdp.durable import DurableJournal, JournalProxy, durable_replace, install_durable_dumps, make_durable
+from pdp.local import free_ports
 
 
 class FsyncLog:
@@ -239,21 +238,6 @@ def test_make_dir_modes_and_fsyncs(tmp_path: Path, fsyncs: FsyncLog) -> None:
     assert fsyncs.paths == []
 
 
-def free_ports(k: int) -> list[int]:
-    """``k`` distinct ports free on 127.0.0.1, below the kernel's ephemeral range (a port
-    from it could meanwhile become some connection's source port)."""
-    ports: set[int] = set()
-    while len(ports) < k:
-        port = random.randrange(12000, 30000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.add(port)
-    return sorted(ports)
-
-
 # -- a real 3-node group: no acknowledgement before its entries are on disk ----------------------
 
 
@@ -315,7 +299,7 @@ def test_three_nodes_ack_only_what_is_on_disk(tmp_path: Path) -> None:
             s.destroy()
 
 
-class _Watch:
+class _Watch(JournalProxy):
     """Like consensus's _DivergenceWatch: a wrapper keeping the journal in ``_journal``."""
 
     def __init__(self, journal: Any) -> None:
@@ -325,15 +309,6 @@ class _Watch:
     def add(self, command: Any, idx: int, term: int) -> None:
         self.added += 1
         self._journal.add(command, idx, term)
-
-    def __getitem__(self, item: Any) -> Any:
-        return self._journal[item]
-
-    def __len__(self) -> int:
-        return len(self._journal)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._journal, name)
 
 
 def test_wraps_a_wrapper_either_way(tmp_path: Path, fsyncs: FsyncLog) -> None:

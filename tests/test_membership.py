@@ -68,10 +68,10 @@ def _token(party: LocalParty, name: str) -> str:
 def test_a_node_that_is_not_invited_is_refused(party: LocalParty) -> None:
     """A node with every file a member has but its own (never invited) identity gets nowhere."""
     w = party.add_node("stranger", peers=[1])
-    time.sleep(3)
+    _wait(lambda: "does not know this identity" in (party.root / "stranger.log").read_text(), 30,
+          "the stranger to be refused")
     assert "stranger" not in [m["name"] for m in _status(party)["members"]]
     assert "not a party member's (unknown identity)" in (party.root / f"{party.names[1]}.log").read_text()
-    assert "does not know this identity" in (party.root / "stranger.log").read_text()
     assert w == 3
 
 
