@@ -14,8 +14,10 @@ proven name (``addr_of``), never from the frame.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +28,24 @@ from pdp.transport import Connection, Peers
 log = logging.getLogger("pdp.raftlink")
 
 REDIAL = 0.5  # seconds between attempts to reach a voter that is down
+LINK_TIMEOUT = 3.0  # seconds of silence (data unacknowledged, keepalives unanswered) that close a Raft link
 SHUNNED_AFTER = 2.0  # every voter refusing this identity this long: it was revoked
+
+
+def _fail_fast(conn: Connection) -> None:
+    """A Raft link to a peer cut off by the network must close within seconds, not when TCP
+    gives up minutes later: otherwise the link looks up, messages vanish into it and, once the
+    network heals, elections churn until the idle timeout. Unacknowledged data (and idle
+    keepalive probes) fail the connection after LINK_TIMEOUT; it is then redialed."""
+    sock = conn.writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # options Linux has (others keep TCP's defaults)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, int(LINK_TIMEOUT))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(LINK_TIMEOUT * 1000))
 
 
 class RaftLink:
@@ -114,6 +133,7 @@ class RaftLink:
         finally:
             self._dialing.discard(node_id)
         self.refused.pop(node_id, None)
+        _fail_fast(conn)
         if not self.voter:
             conn.send_nowait({"t": "raft", "follow": True})
         conn.on_close.append(functools.partial(self._down_on_close, node_id))
