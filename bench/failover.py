@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wordcount import build_input  # noqa: E402  (bench/wordcount.py)
 
 from pdp.client import run_job  # noqa: E402
-from pdp.jobs.wordcount import oracle  # noqa: E402
+from pdp.jobs.builtin.wordcount import oracle  # noqa: E402
 from pdp.local import LocalParty  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pdp.jobs import wordcount as wc
+from pdp.jobs.builtin import wordcount as wc
 
 
 def build_input(corpus: Path, mb: float, out: Path) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from pdp.client import Client
-from pdp.jobs.wordcount import count_file_range, format_counts, oracle
+from pdp.jobs.builtin.wordcount import count_file_range, format_counts, oracle
 from pdp.local import LocalParty
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"

@@ -161,14 +161,70 @@ def join(
     print("\n".join(_run(join_party(token, data_dir, listen, advertise, config, key_file, force))))
 
 
+JOB_HELP = "a built-in job (wordcount, grep, indexer, sort) or a job file JOB.py[:ClassName]"
+DATA_TYPE_HELP = "text, csv (a header row, then records) or jsonl; default: from the file extension"
+
+
+@app.command()
+def run(
+    job: str = typer.Argument(..., help=JOB_HELP),
+    inputs: list[Path] = typer.Argument(..., help="input files"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="where to write the output (default: stdout)"),
+    data_type: Optional[str] = typer.Option(None, help=DATA_TYPE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print counters and status as JSON on stderr"),
+) -> None:
+    """Run a job in this one process (the sequential reference and the quick way to debug):
+    `pdp run JOB.py INPUT... [-o OUT] [-- JOB_ARGS]`. Writes the bytes `pdp submit` writes."""
+    from pdp.fsutil import atomic_writer
+    from pdp.jobs.local import run_job as run_local
+    from pdp.jobs.loader import builtin, job_class, job_files, load_module, new_job, split_ref
+    from pdp.jobs.runtime import user_code
+
+    try:
+        from pdp.client import check_inputs
+
+        check_inputs(inputs)
+        ref, cls_name = split_ref(job)
+        if ref.endswith(".py"):
+            if not Path(ref).is_file():
+                raise PdpError(f"job file {ref} does not exist")
+            cls = job_class(load_module(ref, Path(ref).name), cls_name, Path(ref).name)
+        else:
+            cls = builtin(job)
+        def make() -> Any:
+            with user_code("arguments"):
+                return new_job(cls, list(JOB_ARGS))
+
+        files = job_files(make(), Path(ref)) if ref.endswith(".py") else []
+        if output is None:
+            result = run_local(make, inputs, sys.stdout.buffer, data_type, files)
+            sys.stdout.flush()
+        else:
+            with atomic_writer(output.resolve()) as f:
+                result = run_local(make, inputs, f, data_type, files)
+    except BrokenPipeError:  # `pdp run ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except PdpError as exc:
+        _error(str(exc))
+        raise typer.Exit(1) from None
+    if as_json:
+        err.print_json(json.dumps({"counters": result["counters"], "status": result["status"],
+                                   "lines": result["lines"]}))
+    else:
+        for group, names in sorted(result["counters"].items()):
+            for name, n in sorted(names.items()):
+                err.print(f"counter {escape(group)} / {escape(name)}: {n}")
+
+
 @app.command()
 def submit(
-    job: str = typer.Argument(..., help="job kind, e.g. wordcount"),
+    job: str = typer.Argument(..., help=JOB_HELP),
     inputs: list[Path] = typer.Argument(..., help="input files on this machine"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="where to write the result (default <job-id>.tsv)"),
     node: NodeOpt = None,
     comment: str = typer.Option("", help="free text kept with the job"),
-    data_type: str = typer.Option("text/utf-8", help="the inputs' data type"),
+    data_type: str = typer.Option("text/utf-8", help=DATA_TYPE_HELP),
     priority: int = typer.Option(0, min=-100, max=100,
                                  help="higher runs first (-100..100); equal priorities share the party fairly "
                                       "by submitter"),
@@ -176,14 +232,18 @@ def submit(
     as_json: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
     key_file: KeyOpt = None,
 ) -> None:
-    """Submit a job with its input files; wait for it and write the result."""
-    job_id = new_job_id(job)
+    """Submit a job with its input files; wait for it and write the result:
+    `pdp submit JOB INPUT... [-o OUT] [-- JOB_ARGS]`."""
+    from pdp.jobs.loader import split_ref
+
+    job_id = new_job_id(Path(split_ref(job)[0]).stem.replace("_", "-")[:40] or "job")
     out = output or Path(f"{job_id}.tsv")
     if not detach and not out.parent.resolve().is_dir():
         _error(f"the output directory {out.parent} does not exist")
         raise typer.Exit(1)
     key = _key(key_file)
-    form = {"comment": comment, "data_type": data_type, "output": str(out), "priority": priority}
+    form = {"comment": comment, "data_type": data_type, "output": str(out), "priority": priority,
+            "args": list(JOB_ARGS)}
     result = _run(_submit(_node_addr(node), key, job, inputs, job_id, out, form, detach, as_json))
     if as_json:
         print(json.dumps(result))
@@ -279,7 +339,7 @@ def _status_view(st: dict[str, Any]) -> list[Text | Table]:
     for m in st["members"]:
         age = "never" if m["heartbeat_age"] is None else f"{m['heartbeat_age']:.1f} s ago"
         tasks = Text(", ".join(f"{t['job']} {t['phase']} {t['index']} ({_size(t.get('progress', 0))})"
-                               for t in m["tasks"]))
+                               + (f": {t['status']}" if t.get("status") else "") for t in m["tasks"]))
         if m.get("paused"):
             tasks = Text.assemble((f"paused: {m['paused']}", "yellow"), f"; finishing {tasks}" if tasks else "")
         health, rec = str(m["health"]), m.get("record") or {}
@@ -348,13 +408,23 @@ def _job_view(job: dict[str, Any]) -> list[Text | Table]:
     reruns = ", ".join(f"{n}× {why}" for why, n in sorted(job["reruns"].items())) or "none"
     head = Text(f"{job['id']}: {job['kind']}, {job['state']}{': ' + job['error'] if job['error'] else ''}; "
                 f"priority {job['priority']}, {job['backups']} backup attempt(s), re-runs {reruns}")
+    parts: list[Text | Table] = [head]
+    if job.get("steps", 1) > 1:
+        parts.append(Text(f"step {job.get('step', 1)} of {job['steps']}"))
+    if job.get("counters"):
+        counters = Table("counter group", "counter", "value")
+        for group, names in sorted(job["counters"].items()):
+            for name, n in sorted(names.items()):
+                counters.add_row(Text(group), Text(name), str(n))
+        parts.append(counters)
     table = Table("task", "state", "on", "attempts", "bytes", "seconds")
     for t in job["tasks"]:
         where = t["node"] or ", ".join(n for _, n in t["runs"]) or "-"
-        cells = [f"{t['phase']} {t['index']}", t["state"], where, t["attempt"],
+        name = f"{t['phase']} {t['index']}" + (f" (step {t['step']})" if job.get("steps", 1) > 1 else "")
+        cells = [name, t["state"], where, t["attempt"],
                  _size(t["stats"].get("input_bytes", t["bytes"])), t["stats"].get("seconds", "")]
         table.add_row(*(Text(str(c)) for c in cells))
-    return [head, table]
+    return [*parts, table]
 
 
 @app.command()
@@ -540,7 +610,15 @@ async def _call(addr: str, key: Credential, kind: str, **fields: Any) -> dict[st
 
 
 
+JOB_ARGS: list[str] = []  # what follows `--` on a `pdp run` / `pdp submit` line: the job's own arguments
+
+
 def main() -> None:
+    argv = sys.argv[1:]
+    if argv and argv[0] in ("run", "submit") and "--" in argv:
+        split = argv.index("--")
+        JOB_ARGS[:] = argv[split + 1:]
+        sys.argv[1:] = argv[:split]
     app()
 
 

@@ -23,6 +23,7 @@ import msgpack
 from pdp.errors import InputError, PdpError, ProtocolError, RemoteError
 from pdp.fsutil import atomic_writer
 from pdp.identity import Credential, sign
+from pdp.jobs.loader import prepare
 from pdp.tls import PinMismatch
 from pdp.streams import BLOCK
 from pdp.transport import Connection, ConnectionLost, dial
@@ -102,20 +103,35 @@ class Client:
             raise PdpError(f"not connected to {self.node}")
         return self.conn
 
-    async def submit(self, kind: str, paths: list[Path], job_id: str, **form: Any) -> dict[str, Any]:
-        """Upload the inputs and queue the job; returns the acknowledgement.
+    async def submit(self, job: Any, paths: list[Path], job_id: str | None = None, args: list[str] | None = None,
+                     **form: Any) -> dict[str, Any]:
+        """Upload the inputs (and a user job's code) and queue the job; returns the acknowledgement.
 
-        ``form`` fields go into the submit header (``chunk_size``, ``reduces``, ``comment``, ...);
-        the submitter is the credential's user (the party takes it from the certificate).
+        ``job`` is a built-in's name, a job file (``JOB.py`` or ``JOB.py:ClassName``) or a job
+        class; ``args`` its job arguments. ``form`` fields go into the submit header
+        (``chunk_size``, ``reduces``, ``comment``, ``data_type``, ...); the submitter is the
+        credential's user (the party takes it from the certificate).
         """
-        inputs = check_inputs(paths)
+        inputs = check_inputs([Path(p) for p in paths])
+        prepared = prepare(job, list(args or []))
+        job_id = job_id or new_job_id(prepared.kind.replace("_", "-")[:40])
+        spec = dict(prepared.spec)
+        if form.get("data_type") and form["data_type"] != "text/utf-8":
+            spec["data_type"] = form["data_type"]
+        header = {"t": "submit", "id": job_id, "kind": prepared.kind, "spec": spec, "steps": prepared.steps,
+                  "inputs": [{"name": str(p), "size": size} for p, size in inputs], **form}
+        if prepared.bundle is not None:
+            header["code"] = {"size": len(prepared.bundle)}
         stream = self._conn().open_stream()
         try:
-            await stream.send({"t": "submit", "id": job_id, "kind": kind,
-                               "inputs": [{"name": str(p), "size": size} for p, size in inputs], **form})
+            await stream.send(header)
             first = await stream.recv(30.0)
             if first.header["t"] == "accepted":
                 return first.header
+            if prepared.bundle is not None:
+                for k in range(0, len(prepared.bundle), BLOCK):
+                    await stream.send({"t": "data"}, prepared.bundle[k:k + BLOCK])
+                await stream.send({"t": "end"})
             for path, size in inputs:
                 await _upload(stream, path, size)
             ack = await stream.recv(60.0)
@@ -159,6 +175,21 @@ class Client:
             return head
         finally:
             stream.close()
+
+    async def result(self, job_id: str, out: Path) -> dict[str, Any]:
+        """The job's output, written to ``out`` (see :meth:`fetch_result`)."""
+        return await self.fetch_result(job_id, Path(out))
+
+    async def progress(self, job_id: str) -> dict[str, Any]:
+        """The job now: state, step, maps and reduces done, counters (no tasks)."""
+        found = [j for j in await self.jobs() if j["id"] == job_id]
+        if not found:
+            raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
+        return found[0]
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Stop a job (your own, or any as an admin)."""
+        return await self.call("cancel", id=job_id)
 
     async def jobs(self) -> list[dict[str, Any]]:
         """Every job the party knows, oldest first."""
@@ -264,7 +295,7 @@ def _transient(exc: RemoteError) -> bool:
 
 
 async def run_job(
-    addrs: list[str], cred: Credential, kind: str, inputs: list[Path], job_id: str, out: Path,
+    addrs: list[str], cred: Credential, kind: Any, inputs: list[Path], job_id: str, out: Path,
     on_progress: Progress | None = None, **form: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Submit, wait and fetch the result, surviving the loss of any one member."""

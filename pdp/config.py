@@ -26,7 +26,7 @@ DEFAULT_PORT = 7700
 MIN_MEMORY = 32 * MiB
 ON_PAUSE = ("finish", "hand_back")
 # Settings a running node cannot change: a reload reports them and keeps the old values.
-RESTART_ONLY = frozenset({"name", "listen", "advertise", "peers", "data_dir"})
+RESTART_ONLY = frozenset({"name", "listen", "advertise", "peers", "data_dir", "allow_code"})
 GONE = {"key_file": "nodes have their own identity now (<data_dir>/node.pem, see `pdp id`): delete key_file",
         "raft_port": "Raft shares the one data port now: delete raft_port"}
 
@@ -63,6 +63,14 @@ class NodeConfig:
     pause_on_battery: bool = True
     on_pause: str = "finish"  # "finish": running tasks finish; "hand_back": they run elsewhere at once
     backup_tasks: bool = True  # master: near a phase's end, a straggler gets a backup copy on a faster member
+    allow_code: bool = False  # run users' job code (job files) here; built-in jobs always run
+    sort_mb: float = 0.0  # a task's sort buffer in MiB; 0 = 64, or a quarter of ``memory`` if that is less
+
+    @property
+    def sort_buffer_mb(self) -> float:
+        if self.sort_mb:
+            return self.sort_mb
+        return min(64.0, self.memory / 4 / MiB) if self.memory else 64.0
 
     @property
     def data_port(self) -> int:
@@ -121,7 +129,11 @@ class NodeConfig:
                 or not 0 <= self.max_load <= 1:
             raise ConfigError(f"max_load = {self.max_load!r}: must be a fraction of all CPUs between 0 "
                               "(never pause for load) and 1")
-        for key in ("pause_on_battery", "backup_tasks"):
+        if isinstance(self.sort_mb, bool) or not isinstance(self.sort_mb, (int, float)) or not 0 <= self.sort_mb <= 65536:
+            raise ConfigError(f"sort_mb = {self.sort_mb!r}: must be a number of MiB (0: 64, or a quarter of memory)")
+        if self.memory and self.sort_mb * MiB > self.memory / 2:
+            raise ConfigError(f"sort_mb = {self.sort_mb}: must be at most half of memory ({format_size(self.memory)})")
+        for key in ("pause_on_battery", "backup_tasks", "allow_code"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: must be true or false")
         if self.on_pause not in ON_PAUSE:

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from pdp.client import Client
 from pdp.errors import PdpError
-from pdp.jobs.wordcount import oracle
+from pdp.jobs.builtin.wordcount import oracle
 from pdp.local import LocalParty
 
 

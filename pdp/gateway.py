@@ -21,7 +21,9 @@ from pdp.consensus import ConsensusError
 from pdp.errors import AuthError, InputError, PdpError, ProtocolError, RemoteError
 from pdp.identity import Token, new_secret, pem_fingerprint, token_hash
 from pdp.fsutil import BlockSums, Damaged, atomic_writer, check_sha256, write_sums
-from pdp.jobs import job_kind
+from pdp.jobs.bundle import MAX_BUNDLE
+from pdp.jobs.inputs import Splitter, data_type_of
+from pdp.jobs.loader import builtin
 from pdp.scheduler import scores
 from pdp.spool import check_id
 from pdp.state import ACTIVE, Job
@@ -64,8 +66,10 @@ class Gateway:
         """Store the inputs here and on a second member, commit the job, then acknowledge."""
         hdr = {**hdr, "submitter": stream.conn.who.name}  # the proven user, whatever the header says
         job_id = check_id(str(hdr["id"]))
-        kind = str(hdr["kind"])
-        job_kind(kind)  # an unknown kind is refused before any upload
+        kind, spec, code = str(hdr["kind"]), hdr.get("spec") or {}, hdr.get("code")
+        if not isinstance(spec, dict):
+            raise InputError("the job spec must be a map")
+        steps = self._check_job(kind, code, spec)  # an unknown job, or code nobody runs, is refused before any upload
         inputs = hdr["inputs"]
         if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_INPUTS:
             raise InputError(f"a job takes 1 to {MAX_INPUTS} inputs")
@@ -79,21 +83,65 @@ class Gateway:
         full = self.node.spool_full(sum(int(i["size"]) for i in inputs))
         if full:
             raise InputError(f"{full}; submit through another member (--node) or ask its owner to raise disk")
+        data_type = data_type_of(str(inputs[0]["name"]), spec.get("data_type") or None)
+        for inp in inputs[1:]:
+            if not spec.get("data_type") and data_type_of(str(inp["name"]), None) != data_type:
+                raise InputError(f"inputs of different data types ({inputs[0]['name']}, {inp['name']}): "
+                                 "give --data-type")
+        chunk = self._chunk(hdr, [int(i["size"]) for i in inputs])
         await stream.send({"t": "go"})
+        stored_code: dict[str, Any] = {}
+        if code:
+            file_id = f"{job_id}-code"
+            stored_code = {"file_id": file_id, "size": int(code["size"]),
+                           "holders": await self._store(stream, file_id, int(code["size"]))}
         stored: list[dict[str, Any]] = []
         for k, inp in enumerate(inputs):
             file_id = f"{job_id}-{k}"
-            mirror = await self._open_mirror(file_id, int(inp["size"]))
-            size, mirrored = await self._receive_input(stream, file_id, int(inp["size"]), mirror)
-            copies = [mirror[0]] if mirror and mirrored else await self._second_copy(file_id, exclude=mirror)
-            stored.append({"name": str(inp["name"])[:4096], "size": size, "file_id": file_id,
-                           "holders": [self.node.name, *copies]})
+            splitter = Splitter(data_type, chunk)
+            holders = await self._store(stream, file_id, int(inp["size"]), splitter)
+            found = splitter.finish()
+            stored.append({"name": str(inp["name"])[:4096], "size": found["size"], "file_id": file_id,
+                           "holders": holders, "cuts": found["cuts"],
+                           **({"header": found["header"]} if "header" in found else {})})
         cmd = self._submit_cmd(job_id, kind, hdr, stored)
+        cmd.update(chunk_size=chunk, spec={**_plain_spec(spec), "data_type": data_type},
+                   steps=steps or max(1, int(hdr.get("steps") or 1)), code=stored_code)
         res = await self._commit(cmd)
         log.info("job %s accepted: %s of %d input(s), %d bytes, from %s, inputs on %s", job_id, kind, len(stored),
                  cmd["form"]["size"], cmd["form"]["submitter"], ", ".join(stored[0]["holders"]))
         await stream.send({"t": "accepted", "id": job_id, "dup": bool(res.get("dup")),
                            "members": self._member_addrs()})
+
+    def _check_job(self, kind: str, code: Any, spec: dict[str, Any]) -> int:
+        """Refuse an unknown built-in (or bad arguments), or a user's code that no member runs;
+        returns a built-in's step count (0: a user's job, counted by its submitter)."""
+        if not code:
+            return len(builtin(kind)([str(a) for a in spec.get("args") or []]).steps())
+        if not isinstance(code, dict) or not 0 < int(code.get("size", 0)) <= MAX_BUNDLE:
+            raise InputError(f"a job's code bundle must be 1 byte to {MAX_BUNDLE >> 20} MiB")
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            allowed = [m.name for m in state.members.values() if m.allow_code]
+        if not allowed:
+            raise InputError("no member of the party runs users' job code: a member's owner must set "
+                             "allow_code = true in its config (the built-in jobs run everywhere)")
+        return 0
+
+    def _chunk(self, hdr: dict[str, Any], sizes: list[int]) -> int:
+        """The map chunk size: the node's (or the submitter's), grown so that a job never has
+        more than MAX_MAPS maps."""
+        from pdp.state import MAX_CHUNK, MAX_MAPS  # the state refuses a job past these caps
+
+        chunk = max(4096, int(hdr.get("chunk_size") or self.node.config.chunk_mb * 1024 * 1024))
+        return min(MAX_CHUNK, max(chunk, -(-sum(sizes) // (MAX_MAPS - len(sizes)))))
+
+    async def _store(self, stream: Stream, file_id: str, size: int, splitter: Splitter | None = None) -> list[str]:
+        """Receive one uploaded file here and on a second member; returns its holders."""
+        mirror = await self._open_mirror(file_id, size)
+        _, mirrored = await self._receive_input(stream, file_id, size, mirror, splitter)
+        copies = [mirror[0]] if mirror and mirrored else await self._second_copy(file_id, exclude=mirror)
+        return [self.node.name, *copies]
 
     async def _commit(self, cmd: dict[str, Any], patience: float = 30.0) -> dict[str, Any]:
         """Commit an idempotent command, retrying through an election; refusals raise."""
@@ -152,7 +200,8 @@ class Gateway:
         return []  # a party of one
 
     async def _receive_input(
-        self, stream: Stream, file_id: str, declared: int, mirror: tuple[str, Stream] | None
+        self, stream: Stream, file_id: str, declared: int, mirror: tuple[str, Stream] | None,
+        splitter: Splitter | None = None
     ) -> tuple[int, bool]:
         """Write the input to the spool with its block checksums (and to the mirror, each frame
         with its CRC); returns (size, mirrored completely)."""
@@ -169,6 +218,8 @@ class Gateway:
                     check_data(frame.header, frame.payload, f"input {file_id}")
                 f.write(frame.payload)
                 sums.update(frame.payload)
+                if splitter is not None:  # record-aligned cut points, found as the bytes pass
+                    splitter.feed(frame.payload)
                 size += len(frame.payload)
                 if size > declared:
                     raise InputError(f"input {file_id} is larger than the declared {declared} bytes (did it change?)")
@@ -509,7 +560,8 @@ class Gateway:
             job = state.jobs.get(job_id)
             if job is None:
                 raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
-            tasks = [{"phase": t.phase, "index": t.index, "state": t.state, "node": t.node, "attempt": t.attempt,
+            tasks = [{"phase": t.phase, "index": t.index, "step": t.step + 1, "state": t.state, "node": t.node,
+                      "attempt": t.attempt,
                       "runs": sorted(t.runs.items()), "failed_on": list(t.failed_on), "bytes": t.size(),
                       "stats": dict(t.stats)} for t in job.maps + job.reduces]
             summary = job_summary(job)
@@ -542,6 +594,15 @@ async def _stored(mirror: tuple[str, Stream]) -> bool:
         mirror[1].close()
 
 
+def _plain_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a submitted spec the party keeps: which class, its arguments."""
+    out: dict[str, Any] = {"args": [str(a)[:1000] for a in list(spec.get("args") or [])[:200]]}
+    for key in ("builtin", "main", "cls", "shown"):
+        if spec.get(key):
+            out[key] = str(spec[key])[:200]
+    return out
+
+
 def job_summary(job: Job) -> dict[str, Any]:
     """A job as clients see it: the form, the phase, task counts and where work runs."""
     running = sorted({n for t in job.maps + job.reduces if t.state == "running" for n in t.runs.values()})
@@ -553,4 +614,5 @@ def job_summary(job: Job) -> dict[str, Any]:
             "submitted_at": job.submitted_at, "finished_at": job.finished_at, **job.counts(),
             "nodes_at_work": running, "done_on": done_on, "result": job.result, "reruns": dict(job.reruns),
             "priority": job.priority, "backups": job.backups,
-            "attempts": sum(t.attempt for t in job.maps + job.reduces)}
+            "attempts": sum(t.attempt for t in job.maps + job.reduces), "counters": job.counters(),
+            "job": job.spec.get("shown") or job.spec.get("builtin") or job.kind, "args": list(job.spec.get("args") or [])}

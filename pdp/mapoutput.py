@@ -19,12 +19,16 @@ functions read *sources*: ``(path, r)`` is partition ``r`` of a map output file,
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
+import tempfile
 import zlib
-from typing import BinaryIO
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO
 
 from pdp.errors import PdpError
-from pdp.fsutil import Damaged, atomic_writer
+from pdp.fsutil import FILE_MODE, Damaged, atomic_writer
 
 MAGIC = b"PDM2"
 MAX_PARTITIONS = 1 << 16
@@ -45,6 +49,51 @@ def write(path: str, parts: list[bytes]) -> None:
         f.write(MAGIC + struct.pack(f"<I{n + 1}Q{n}I", n, *offsets, *crcs))
         for part in parts:
             f.write(part)
+
+
+def write_runs(path: str, n: int, parts: Iterable[Any], write_run: Callable[[BinaryIO, Any], int]) -> int:
+    """Write a map output file of ``n`` streamed partitions: ``write_run(f, records)`` writes
+    each at the file's position and returns its record count. The CRCs are computed from
+    the file afterwards (it is in the page cache) and the index is written last. Returns
+    the records written."""
+    count, offsets = 0, []
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".map-")
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            f.write(b"\0" * (8 + 12 * n + 8))
+            for records in parts:
+                offsets.append(f.tell())
+                count += write_run(f, records)
+            offsets.append(f.tell())
+            if len(offsets) != n + 1:
+                raise ValueError(f"{len(offsets) - 1} partitions written, {n} announced")
+            f.flush()
+            crcs = [_crc_range(f.fileno(), offsets[r], offsets[r + 1]) for r in range(n)]
+            f.seek(0)
+            f.write(MAGIC + struct.pack(f"<I{n + 1}Q{n}I", n, *offsets, *crcs))
+            os.fchmod(f.fileno(), FILE_MODE)
+        os.replace(tmp, path)  # not fsynced: a map output can be recomputed
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return count
+
+
+def _crc_range(fd: int, start: int, end: int) -> int:
+    crc = 0
+    while start < end:
+        block = os.pread(fd, min(1 << 20, end - start), start)
+        if not block:
+            raise PdpError("a map output file is truncated")
+        crc, start = zlib.crc32(block, crc), start + len(block)
+    return crc
+
+
+def offset(path: str, r: int) -> int:
+    """Where partition ``r`` of a map output file starts."""
+    with open(path, "rb") as f:
+        return _slice(f, path, r)[0]
 
 
 def _slice(f: BinaryIO, path: str, r: int) -> tuple[int, int, int]:
@@ -98,8 +147,13 @@ def read(path: str, r: int) -> bytes:
 
 def check(path: str, r: int) -> None:
     """Raise :class:`Damaged` (or PdpError, FileNotFoundError) unless partition ``r`` of
-    the map output file is intact."""
-    read(path, r)
+    the map output file is intact (read in blocks, never whole)."""
+    with open(path, "rb") as f:
+        start, end, crc = _slice(f, path, r)
+        if os.fstat(f.fileno()).st_size < end:
+            raise PdpError(f"{path} is truncated")
+        if _crc_range(f.fileno(), start, end) != crc:
+            raise Damaged(f"{path}: partition {r} is damaged (CRC mismatch)")
 
 
 def damaged(outputs: list[tuple[int, str]], r: int) -> list[int]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pdp.consensus import ConsensusError
 from pdp.errors import PdpError
 from pdp.fsutil import Damaged, crc32_file, sha256_file
-from pdp.jobs import job_kind
+from pdp.jobs import runtime
 from pdp.scheduler import BUNDLE_MAX, AttemptKey, TaskKey, jobs_to_assemble, pick_backup, pick_tasks
 from pdp.state import ACTIVE, Job, Task
 from pdp.transport import Handler, Stream, raft_addr_of, split_addr
@@ -504,15 +504,16 @@ class Master:
         c = self.node.consensus
         assert c is not None
         with c.reading() as state:
-            jobs = [(j.id, j.kind, [t.node for t in j.reduces], str(j.form.get("gateway", "")))
-                    for j in jobs_to_assemble(state)]
-        for job_id, kind, reducers, gateway in jobs:
+            jobs = [(j.id, job_spec(j), [(t.index, t.node) for t in j.current("reduce")],
+                     str(j.form.get("gateway", ""))) for j in jobs_to_assemble(state)]
+        for job_id, spec, reducers, gateway in jobs:
             if job_id not in self.assembling:
                 self.assembling.add(job_id)
-                task = asyncio.create_task(self._assemble(job_id, kind, reducers, gateway))
+                task = asyncio.create_task(self._assemble(job_id, spec, reducers, gateway))
                 task.add_done_callback(functools.partial(_forget, self.assembling, job_id))
 
-    async def _assemble(self, job_id: str, kind: str, reducers: list[str], gateway: str) -> None:
+    async def _assemble(self, job_id: str, spec: dict[str, Any], reducers: list[tuple[int, str]],
+                        gateway: str) -> None:
         """Merge the reduce outputs into the result, store a second copy, record it."""
         node, term = self.node, self.term
         try:
@@ -520,7 +521,7 @@ class Master:
             if parts is None:
                 return  # unreachable outputs are being redone
             result = node.spool.file(job_id, "result")
-            stats = await node.run_in_pool(job_kind(kind).merge_outputs, [str(p) for p in parts], str(result))
+            stats = await node.run_in_pool(runtime.merge_outputs, spec, [str(p) for p in parts], str(result))
             digest = await asyncio.to_thread(sha256_file, result)
             copies = await self._replicate(job_id, result, gateway, digest)
             res = await node.propose({"op": "finish", "job": job_id, "term": term, "now": time.time(),
@@ -533,11 +534,11 @@ class Master:
             log.warning("assembling job %s failed (will retry): %s", job_id, exc)
             await asyncio.sleep(1.0)
 
-    async def _fetch_parts(self, job_id: str, reducers: list[str]) -> list[Path] | None:
-        results = await asyncio.gather(*(self._fetch_part(job_id, r, name) for r, name in enumerate(reducers)),
+    async def _fetch_parts(self, job_id: str, reducers: list[tuple[int, str]]) -> list[Path] | None:
+        results = await asyncio.gather(*(self._fetch_part(job_id, r, name) for r, name in reducers),
                                        return_exceptions=True)
         missing: dict[str, list[int]] = {}
-        for r, (name, got) in enumerate(zip(reducers, results)):
+        for (r, name), got in zip(reducers, results):
             if isinstance(got, BaseException):
                 if not isinstance(got, (PdpError, OSError)):
                     raise got
@@ -589,20 +590,39 @@ class Master:
         return []
 
 
+def job_spec(job: Job) -> dict[str, Any]:
+    """What a task process needs to load the job: a built-in's name, or the code bundle (the
+    worker fetches it and puts its directory in ``code``), the arguments and the data type."""
+    spec = {**job.spec, "steps": job.steps}
+    if not spec.get("builtin") and not job.code:
+        spec["builtin"] = job.kind  # a job submitted by kind name only
+    if job.code:
+        spec["code"] = job.code["file_id"]  # (the worker replaces it with the unpacked bundle's directory)
+    return spec
+
+
 def _assignment(members: dict[str, Any], job: Job, task: Task) -> dict[str, Any]:
     """What a worker needs to run ``task``: where its bytes are and where its output goes."""
     spec: dict[str, Any] = {"job": job.id, "kind": job.kind, "phase": task.phase, "index": task.index,
-                            "n_reduce": job.n_reduce}
+                            "n_reduce": job.n_reduce, "step": task.step, "steps": job.steps,
+                            "partition": task.index % job.n_reduce, "spec": job_spec(job)}
+    if job.code:
+        spec["code"] = {"file": job.code["file_id"], "size": job.code["size"],
+                        "holders": [(h, members[h].data_addr) for h in job.code["holders"] if h in members]}
     if task.phase == "map":
-        inp = job.inputs[task.input]
-        spec.update(file=inp["file_id"], name=inp["name"], start=task.start, end=task.end,
+        inp = job.step_inputs()[task.input]
+        spec.update(file=inp["file_id"], name=inp["name"], input_index=task.input, start=task.start, end=task.end,
+                    line=task.line,
+                    header=inp.get("header"),
                     holders=[(h, members[h].data_addr) for h in inp["holders"] if h in members])
         if job.whole:  # the task also reduces and stores the result, a copy on the job's gateway first
             gateway = str(job.form.get("gateway", ""))
             spec["copy_to"] = sorted(((m.name, m.data_addr) for m in members.values()),
                                      key=lambda m: (m[0] != gateway, m[0] not in inp["holders"], m[0]))
     else:
-        spec["sources"] = [(t.index, t.node, members[t.node].data_addr) for t in job.maps]
+        spec["sources"] = [(t.index, t.node, members[t.node].data_addr) for t in job.current("map")]
+        if task.step + 1 < job.steps:  # an intermediate output is stored twice, like an input
+            spec["copy_to"] = sorted((m.name, m.data_addr) for m in members.values())
     return spec
 
 

@@ -87,8 +87,30 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="pdp-parent-watch", daemon=True).start()
 
 
+def job_files(job: Any) -> list[str]:
+    """The spool input ids a job may have left on a member: its inputs, its code bundle and
+    the outputs of its steps but the last (stored as inputs of the next step)."""
+    ids = [i["file_id"] for i in job.inputs]
+    if job.code:
+        ids.append(job.code["file_id"])
+    ids += [f"{job.id}-s{k}-{r}" for k in range(job.steps - 1) for r in range(job.n_reduce)]
+    return ids
+
+
+def unpack_bundle(bundle: Path, folder: Path) -> None:
+    """Unpack a job's code bundle (see :func:`pdp.jobs.bundle.read_bundle`) into ``folder``."""
+    from pdp.jobs.bundle import read_bundle
+
+    files = read_bundle(bundle.read_bytes())
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / ".ready").write_bytes(b"")
+
+
 def _warm() -> int:
-    import pdp.jobs.wordcount  # noqa: F401  (import cost paid before the first task)
+    import pdp.jobs.builtin  # noqa: F401  (import cost paid before the first task)
+    import pdp.jobs.runtime  # noqa: F401
 
     return os.getpid()
 
@@ -117,6 +139,7 @@ class Node:
         self.ident = load_node_identity(config.data_dir, config.name, create=False)
         self.party = PartyFile.load(config.data_dir)
         self.spool = Spool(config.data_dir / "spool")
+        self._code_locks: dict[str, asyncio.Lock] = {}
         self.changes = Changes()
         self.peers = Peers(self.ident, self.pins)
         self.trusted = frozenset(self.party.known)  # fingerprints in the current TLS trust store
@@ -385,7 +408,8 @@ class Node:
         """Record this member (name, addresses, slots) in the replicated state."""
         cfg = self.config
         cmd = {"op": "member", "name": self.name, "data_addr": cfg.advertise_addr,
-               "raft_addr": cfg.raft_addr if self.voter else "", "voter": self.voter, "cpus": cfg.cpus}
+               "raft_addr": cfg.raft_addr if self.voter else "", "voter": self.voter, "cpus": cfg.cpus,
+               "allow_code": cfg.allow_code}
         while True:
             try:
                 res = await self.propose({**cmd, "now": time.time()}, timeout=3.0)
@@ -536,7 +560,7 @@ class Node:
             if self.consensus is None:
                 continue
             with self.consensus.reading() as state:
-                ended = {j.id: (j.state, [i["file_id"] for i in j.inputs])
+                ended = {j.id: (j.state, job_files(j))
                          for j in state.jobs.values() if j.state not in ACTIVE and j.id not in cleaned}
             if ended:
                 freed = await asyncio.to_thread(self._sweep, ended)
@@ -639,6 +663,50 @@ class Node:
             raise PdpError(full)
         size = await recv_file(stream, self.spool.input(str(hdr["file"])), timeout=60.0, sums=True, limit=declared)
         await stream.send({"t": "stored", "size": size})
+
+    # -- users' job code ---------------------------------------------------------------------
+
+    async def job_code(self, job_id: str, code: dict[str, Any] | None = None) -> Path:
+        """The directory holding a user job's code and FILES, fetched from a holder of its
+        bundle and unpacked the first time (only called where ``allow_code`` is on, or by the
+        master to write the result with the job's output protocol)."""
+        folder = self.spool.file(job_id, "code")
+        lock = self._code_locks.setdefault(job_id, asyncio.Lock())
+        async with lock:
+            if (folder / ".ready").exists():
+                return folder
+            if code is None:
+                assert self.consensus is not None
+                with self.consensus.reading() as state:
+                    job = state.jobs.get(job_id)
+                    if job is None or not job.code:
+                        raise PdpError(f"job {job_id} has no code")
+                    code = {"file": job.code["file_id"], "size": job.code["size"],
+                            "holders": [(h, state.members[h].data_addr) for h in job.code["holders"]
+                                        if h in state.members]}
+            local = self.spool.input(str(code["file"]))
+            if not local.exists():
+                local = self.spool.file(job_id, "code.bundle")
+                await self._fetch_whole(str(code["file"]), int(code["size"]), code["holders"], local)
+            await asyncio.to_thread(unpack_bundle, local, folder)
+        return folder
+
+    async def _fetch_whole(self, file_id: str, size: int, holders: list[Any], dest: Path) -> None:
+        errors = []
+        for holder, addr in holders:
+            try:
+                conn = await self.peers.get(addr)
+                stream = conn.open_stream()
+                try:
+                    await stream.send({"t": "fetch_range", "file": file_id, "start": 0, "end": size})
+                    await stream.recv(30.0)
+                    await recv_file(stream, dest, durable=False)
+                    return
+                finally:
+                    stream.close()
+            except (PdpError, OSError) as exc:
+                errors.append(f"{holder}: {exc}")
+        raise PdpError(f"no holder of {file_id} answered ({'; '.join(errors) or 'none known'})")
 
     # -- outbound file transfers ------------------------------------------------------------
 

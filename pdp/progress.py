@@ -37,8 +37,9 @@ def request_stop(path: str) -> None:
 
 
 def clear(path: str) -> None:
-    """Called by the worker before a task starts with ``path``: no progress, no stop request."""
-    for name in (path, path + ".stop"):
+    """Called by the worker before a task starts with ``path``: no progress, no stop request,
+    no status message (see :meth:`pdp.jobs.api.Reporter.set_status`)."""
+    for name in (path, path + ".stop", path + ".status"):
         try:
             os.unlink(name)
         except FileNotFoundError:

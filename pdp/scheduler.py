@@ -97,6 +97,8 @@ def _offerable(state: State, job: Job, node: str, reserved: set[TaskKey]) -> lis
     if phase is None:
         return []
     members = set(state.members)
+    if job.code and not (node in state.members and state.members[node].allow_code):
+        return []  # a user's code runs only where the owner allows it
     return [t for t in _pending(job, phase, reserved)
             if node not in t.failed_on or members <= set(t.failed_on)]  # elsewhere first, if anyone is left
 
@@ -113,7 +115,7 @@ def _running_by_submitter(state: State, reserved: set[TaskKey]) -> dict[str, int
 def _order(job: Job, tasks: list[Task], node: str, good: bool) -> list[Task]:
     """Local maps first; then the largest tasks for a good member, the smallest for a poor one."""
     def rank(t: Task) -> tuple[bool, int, int]:
-        local = t.phase == "map" and node in job.inputs[t.input].get("holders", ())
+        local = t.phase == "map" and node in job.step_inputs()[t.input].get("holders", ())
         return (not local, -t.size() if good else t.size(), t.index)
     return sorted(tasks, key=rank)
 
@@ -176,9 +178,9 @@ def pick_backup(state: State, node: str, now: float, running: dict[AttemptKey, t
     best: tuple[float, Job, Task] | None = None
     for job in state.active_jobs():
         phase = _phase(job)
-        if phase is None or any(t.state == "pending" for t in job.tasks(phase)):
+        if phase is None or any(t.state == "pending" for t in job.current(phase)):
             continue
-        tasks = job.tasks(phase)
+        tasks = job.current(phase)
         done = [t for t in tasks if t.state == "done" and isinstance(t.stats.get("seconds"), (int, float))]
         if not done:
             continue
@@ -193,7 +195,7 @@ def pick_backup(state: State, node: str, now: float, running: dict[AttemptKey, t
             seen = running.get((job.id, phase, t.index, attempt))
             if seen is None:
                 continue
-            left = _time_left(t, len(job.maps), median, *seen, expected)
+            left = _time_left(t, len(job.current("map")), median, *seen, expected)
             if left > 2 * median and (best is None or left > best[0]):
                 best = (left, job, t)
     return None if best is None else (best[1], best[2])

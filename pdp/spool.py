@@ -27,7 +27,7 @@ from pathlib import Path
 from pdp.errors import PdpError
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # job ids (at most 100) and file ids (job id + "-k")
-_NAME = re.compile(r"chunk-\d+|map-\d+|in-\d+-\d+|reduce-\d+|part-\d+|result|progress-\d+")
+_NAME = re.compile(r"chunk-\d+|map-\d+|in-\d+-\d+|reduce-\d+|part-\d+|result|progress-\d+|code|code\.bundle")
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 

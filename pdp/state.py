@@ -59,6 +59,9 @@ MAX_INPUT_SIZE = 1 << 40  # 1 TiB per input
 MAX_CHUNK = 1 << 40
 MAX_MAPS = 100_000
 MAX_REDUCES = 64
+MAX_STEPS = 16
+MAX_SPEC = 8192  # characters of a job's spec (its name, class and arguments)
+MAX_COLUMNS = 1000
 MAX_INPUT_NAME = 4096
 MAX_HOLDERS = 16
 MAX_PRIORITY = 100  # priorities are clamped to [-MAX_PRIORITY, MAX_PRIORITY]
@@ -86,6 +89,11 @@ class Member:
     cpus: int
     joined_at: float
     voter: bool = True
+    allow_code: bool = False  # its owner lets it run users' job code (``allow_code`` in its config)
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        self.allow_code = False
+        self.__dict__.update(data)
 
 
 @dataclass
@@ -95,6 +103,8 @@ class Task:
     input: int = 0  # map: index into Job.inputs
     start: int = 0  # map: byte range [start, end) of that input (not yet line-aligned)
     end: int = 0
+    step: int = 0  # the job's step this task belongs to
+    line: int = 1  # map of a first step: the line number at ``start`` (for error messages)
     state: str = "pending"
     node: str = ""  # running: the node holding it; done: the node holding its output
     attempt: int = 0
@@ -107,7 +117,7 @@ class Task:
 
     def __setstate__(self, data: dict[str, Any]) -> None:
         """Dumps written before a field existed load with its default."""
-        self.runs, self.failed_on, self.given_up = {}, [], {}
+        self.runs, self.failed_on, self.given_up, self.step, self.line = {}, [], {}, 0, 1
         self.__dict__.update(data)
         if self.state == "running" and not self.runs:
             self.runs = {self.attempt: self.node}
@@ -148,10 +158,40 @@ class Job:
     reruns: dict[str, int] = field(default_factory=dict)  # why tasks ran again -> how often
     failures: dict[str, int] = field(default_factory=dict)  # "map 3" -> failed attempts
     backups: int = 0  # backup attempts started for stragglers
+    steps: int = 1  # map/reduce steps; step k's reduce outputs are step k+1's inputs
+    step: int = 0  # the step running now
+    spec: dict[str, Any] = field(default_factory=dict)  # which job runs: {"builtin"} or {"main", "cls"}; "args"...
+    code: dict[str, Any] = field(default_factory=dict)  # a user job's code bundle: {"file_id", "size", "holders"}
+    carried: list[dict[str, Any]] = field(default_factory=list)  # the current step's inputs when step > 0
 
     def __setstate__(self, data: dict[str, Any]) -> None:
-        self.priority, self.backups = 0, 0
+        self.priority, self.backups, self.steps, self.step = 0, 0, 1, 0
+        self.spec, self.code, self.carried = {}, {}, []
         self.__dict__.update(data)
+
+    def step_inputs(self) -> list[dict[str, Any]]:
+        """What the current step's maps read: the job's inputs, or the last step's outputs."""
+        return self.inputs if self.step == 0 else self.carried
+
+    def current(self, phase: str) -> list[Task]:
+        """The tasks of the current step in ``phase``."""
+        return [t for t in self.tasks(phase) if t.step == self.step]
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """The job's counters: summed over the done tasks of every step. A task's stats are
+        those of its winning attempt (a re-run replaces them), so nothing counts twice."""
+        total: dict[str, dict[str, int]] = {}
+        for t in self.maps + self.reduces:
+            if t.state != "done":
+                continue
+            for group, names in (t.stats.get("counters") or {}).items():
+                if type(names) is not dict:
+                    continue
+                mine = total.setdefault(str(group), {})
+                for name, n in names.items():
+                    if type(n) is int:
+                        mine[str(name)] = mine.get(str(name), 0) + n
+        return total
 
     @property
     def submitter(self) -> str:
@@ -162,7 +202,7 @@ class Job:
         """A small job (one map, one reduce) runs as a single task that also stores the result
         (Hadoop's "uber" jobs): one assignment and one completion instead of four entries,
         and no fetches between members."""
-        return len(self.maps) == 1 and self.n_reduce == 1
+        return len(self.maps) == 1 and self.n_reduce == 1 and self.steps == 1
 
     def tasks(self, phase: str) -> list[Task]:
         return self.maps if phase == "map" else self.reduces
@@ -175,11 +215,15 @@ class Job:
                                                                               for i in inputs])
 
     def counts(self) -> dict[str, int]:
+        """Progress of the current step."""
+        maps, reduces = self.current("map"), self.current("reduce")
         return {
-            "maps": len(self.maps),
-            "maps_done": sum(t.state == "done" for t in self.maps),
-            "reduces": len(self.reduces),
-            "reduces_done": sum(t.state == "done" for t in self.reduces),
+            "maps": len(maps),
+            "maps_done": sum(t.state == "done" for t in maps),
+            "reduces": len(reduces),
+            "reduces_done": sum(t.state == "done" for t in reduces),
+            "step": self.step + 1,
+            "steps": self.steps,
         }
 
 
@@ -286,8 +330,47 @@ def _check_inputs(inputs: Any) -> tuple[list[dict[str, Any]], str | None]:
         if type(holders) not in (list, tuple) or len(holders) > MAX_HOLDERS \
                 or not all(valid_name(h) for h in holders):
             return [], f"input {k}: holders must be at most {MAX_HOLDERS} member names"
+        cuts, header = inp.get("cuts"), inp.get("header")
+        if cuts is not None:
+            if type(cuts) not in (list, tuple) or len(cuts) > MAX_MAPS or not all(
+                    type(c) in (list, tuple) and len(c) == 2 and _int(c[0], 1, size - 1) and _int(c[1], 1, 1 << 62)
+                    for c in cuts) or any(a[0] >= b[0] for a, b in zip(cuts, cuts[1:])):
+                return [], f"input {k}: cuts must be increasing [offset, line] pairs inside the input"
+        if header is not None and (type(header) not in (list, tuple) or len(header) > MAX_COLUMNS
+                                   or not all(type(h) is str and len(h) <= 1000 for h in header)):
+            return [], f"input {k}: the header must be at most {MAX_COLUMNS} column names"
         out.append({**inp, "holders": list(holders)})
     return out, None
+
+
+def _check_spec(spec: Any, steps: Any, code: Any) -> str | None:
+    """What is wrong with a job's spec (which job, its arguments), step count and code bundle."""
+    if type(spec) is not dict or len(repr(spec)) > MAX_SPEC:
+        return f"the job spec must be a dict of at most {MAX_SPEC} characters"
+    args = spec.get("args", [])
+    if type(args) not in (list, tuple) or not all(type(a) is str for a in args):
+        return "job arguments must be strings"
+    if not _int(steps, 1, MAX_STEPS):
+        return f"a job has 1 to {MAX_STEPS} steps"
+    if type(code) is not dict:
+        return "code must be a dict"
+    if code:
+        bad = _check_inputs([{"name": "code", **code}])[1]
+        if bad:
+            return "the code bundle: " + bad.partition(": ")[2]
+    return None
+
+
+def _ranges(inp: dict[str, Any], chunk: int) -> list[tuple[int, int, int]]:
+    """(start, end, line at start) of an input's maps: at its record-aligned cuts (found where
+    the bytes arrived), else in ``chunk``-sized byte ranges aligned later (line unknown: 0)."""
+    cuts = inp.get("cuts")
+    if cuts is None:
+        return [(a, b, 0) for a, b in plan_ranges(inp["size"], chunk)]
+    if inp["size"] == 0:
+        return []
+    bounds = [(0, 1), *[(int(o), int(n)) for o, n in cuts], (inp["size"], 0)]
+    return [(a[0], b[0], a[1]) for a, b in zip(bounds, bounds[1:])]
 
 
 class State:
@@ -352,7 +435,7 @@ class State:
                         not_invited=True)
         if voter:
             self.invited.setdefault(name, {"by": "core", "at": now})
-        self.members[name] = Member(name, data, raft, cpus, now, voter)
+        self.members[name] = Member(name, data, raft, cpus, now, voter, allow_code=c.get("allow_code") is True)
         return {"ok": True}
 
     def _invite(self, c: Cmd) -> Result:
@@ -607,7 +690,8 @@ class State:
         if not _number(now):
             return _err("now must be a finite number", bad_request=True)
         inputs, bad = _check_inputs(c["inputs"])
-        bad = bad or _check_form(form)
+        steps, spec, code = c.get("steps", 1), c.get("spec") or {}, c.get("code") or {}
+        bad = bad or _check_form(form) or _check_spec(spec, steps, code)
         if bad:
             return _err(bad, bad_request=True)
         known = self.jobs.get(job_id)
@@ -616,7 +700,8 @@ class State:
                 return _err(f"job id {job_id} is already used for different inputs (or another kind or "
                             "submitter): submit with a new id", id_taken=True)
             return {"ok": True, "dup": True, "id": job_id}
-        n_maps = sum(-(-inp["size"] // chunk) for inp in inputs)
+        n_maps = sum(len(inp["cuts"]) + 1 if inp.get("cuts") is not None else -(-inp["size"] // chunk)
+                     for inp in inputs)
         if n_maps > MAX_MAPS:
             return _err(f"the job would have {n_maps} map tasks, more than {MAX_MAPS}: use a larger chunk size",
                         bad_request=True)
@@ -626,10 +711,11 @@ class State:
                 return _err(f"input holders {', '.join(strangers)[:300]} are not members of the party",
                             bad_request=True)
         job = Job(job_id, self.next_seq, kind, inputs, n_reduce, chunk, dict(form), float(now),
-                  priority=max(-MAX_PRIORITY, min(MAX_PRIORITY, priority)))
+                  priority=max(-MAX_PRIORITY, min(MAX_PRIORITY, priority)), steps=steps, spec=dict(spec),
+                  code=dict(code))
         for k, inp in enumerate(inputs):
-            for start, end in plan_ranges(inp["size"], chunk):
-                job.maps.append(Task("map", len(job.maps), input=k, start=start, end=end))
+            for start, end, line in _ranges(inp, chunk):
+                job.maps.append(Task("map", len(job.maps), input=k, start=start, end=end, line=line))
         job.reduces = [Task("reduce", r) for r in range(n_reduce)]
         self.next_seq += 1
         self.jobs[job_id] = job
@@ -759,14 +845,39 @@ class State:
         rec.last_fail = now
 
     def _advance(self, job: Job) -> None:
-        """Derive the phase of an active job from its tasks (it may also move back)."""
-        if not all(t.state == "done" for t in job.maps):
-            if job.state != "queued" or any(t.attempt for t in job.maps):
+        """Derive the phase of an active job from its current step's tasks (it may also move
+        back); when a step that is not the last is done, the next one starts."""
+        maps = job.current("map")
+        if not all(t.state == "done" for t in maps):
+            if job.state != "queued" or any(t.attempt for t in maps):
                 job.state = "mapping"
-        elif not all(t.state == "done" for t in job.reduces):
+        elif not all(t.state == "done" for t in job.current("reduce")):
             job.state = "reducing"
+        elif job.step + 1 < job.steps:
+            self._next_step(job)
         else:
             job.state = "assembling"
+
+    def _next_step(self, job: Job) -> None:
+        """Step k is done: its reduce outputs (each stored on two members, as the job's
+        inputs are) become the inputs of step k + 1, one map each."""
+        carried = []
+        for t in job.current("reduce"):
+            out = t.stats.get("output")
+            holders = out.get("holders") if type(out) is dict else None
+            if type(out) is not dict or not _int(out.get("size"), 0, MAX_INPUT_SIZE) \
+                    or type(out.get("file_id")) is not str or FILE_ID.fullmatch(out["file_id"]) is None \
+                    or type(holders) is not list or not holders or not all(valid_name(h) for h in holders):
+                job.state, job.error = "failed", f"step {job.step + 1}: reduce {t.index} reported no stored output"
+                return
+            carried.append({"name": f"step {job.step + 1} output {len(carried)}", "size": out["size"],
+                            "file_id": out["file_id"], "holders": list(holders)[:MAX_HOLDERS]})
+        job.step += 1
+        job.carried = carried
+        for k, inp in enumerate(carried):
+            job.maps.append(Task("map", len(job.maps), input=k, start=0, end=inp["size"], step=job.step))
+        job.reduces.extend(Task("reduce", len(job.reduces), step=job.step) for _ in range(job.n_reduce))
+        job.state = "mapping"
 
     def _rerun(self, job: Job, task: Task, reason: str) -> None:
         task.state, task.node, task.stats, task.runs = "pending", "", {}, {}
@@ -830,14 +941,15 @@ class State:
             self._blame(name, now, failed=False)
         for job in self.active_jobs():
             before = sum(job.reruns.values())
-            for t in job.maps + job.reduces:
+            maps, reduces = job.current("map"), job.current("reduce")
+            for t in maps + reduces:
                 if t.state == "running":
                     for attempt in [a for a, n in t.runs.items() if n == name]:
                         self._drop_run(job, t, attempt, f"member {name} lost")
-                elif t.node == name and t.phase == "reduce" and t.state == "done":
-                    self._rerun(job, t, f"member {name} lost")
-            if not all(t.state == "done" for t in job.reduces):
-                for t in job.maps:
+                elif t.node == name and t.phase == "reduce" and t.state == "done" and job.step + 1 == job.steps:
+                    self._rerun(job, t, f"member {name} lost")  # (an earlier step's outputs have two holders)
+            if not all(t.state == "done" for t in reduces):
+                for t in maps:
                     if t.node == name and t.state == "done":
                         self._rerun(job, t, f"map output lost with {name}")
             self._advance(job)
@@ -854,7 +966,8 @@ class State:
             return _err(f"unknown phase {phase!r}")
         tasks, redone = job.tasks(phase), 0
         for i in indexes:
-            if 0 <= i < len(tasks) and tasks[i].state == "done" and tasks[i].node == holder:
+            if 0 <= i < len(tasks) and tasks[i].state == "done" and tasks[i].node == holder \
+                    and tasks[i].step == job.step:
                 self._rerun(job, tasks[i], f"{phase} output unreachable on {holder}")
                 redone += 1
         self._advance(job)

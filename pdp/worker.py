@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+import zlib
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +29,7 @@ from pdp import mapoutput
 from pdp import progress as task_progress
 from pdp.errors import InputError, PdpError
 from pdp.fsutil import Damaged, check_range, crc32_file, sha256_file
-from pdp.jobs import job_kind, run_maps, run_whole
+from pdp.jobs import run_maps, run_whole, runtime
 from pdp.limits import Sampler, pause_reason
 from pdp.progress import TaskAborted
 from pdp.progress import read as read_progress
@@ -166,7 +168,8 @@ class Worker:
             task_progress.clear(progress)
             for entry in entries:
                 entry["file"] = progress
-            stats = await node.run_in_pool(run_maps, tasks[0]["kind"], [s[0] for s in specs], progress)
+            spec = await self._spec(tasks[0])
+            stats = await node.run_in_pool(run_maps, spec, [s[0] for s in specs], progress)
         except Exception as exc:  # noqa: BLE001 - each task then meets its own error on its own
             log.log(logging.WARNING if isinstance(exc, BrokenProcessPool) else logging.INFO,
                     "bundle of %d maps of %s: %s; running them one by one", len(tasks), tasks[0]["job"],
@@ -188,11 +191,21 @@ class Worker:
                 for t, st, spec in zip(tasks, stats, specs)]
 
     async def _map_spec(self, task: dict[str, Any], fetched: list[Path]
-                        ) -> tuple[tuple[str, int, int, int, str], int]:
+                        ) -> tuple[tuple[str, int, int, int, str, dict[str, Any]], int]:
         """(run_maps argument, its line-aligned size) for a map."""
         path, a, b, _ = await self._locate(task, fetched)
         out = str(self.node.spool.file(task["job"], f"map-{task['index']}"))
-        return (path, a, b, task["n_reduce"], out), b - a
+        return (path, a, b, task["n_reduce"], out, _input_spec(task)), b - a
+
+    async def _spec(self, task: dict[str, Any]) -> dict[str, Any]:
+        """The spec a task process loads the job from: a user job's code is fetched first,
+        and only where this node's owner allows running it."""
+        spec = {**task["spec"], "step": task["step"], "sort_mb": self.node.config.sort_buffer_mb}
+        if task.get("code"):
+            if not self.node.config.allow_code:
+                raise PdpError(f"{self.node.name} does not run users' code (allow_code = false)")
+            spec["code"] = str(await self.node.job_code(task["job"], task["code"]))
+        return spec
 
     async def _locate(self, task: dict[str, Any], fetched: list[Path]) -> tuple[str, int, int, int]:
         """(file, start, end, base) of a map's line-aligned bytes here: in its input if this
@@ -224,7 +237,8 @@ class Worker:
     def _listing(self) -> list[dict[str, Any]]:
         """What this member runs, with progress (bytes done), for the master's leases."""
         return [{**{k: v for k, v in r.items() if k not in ("file", "aborted")},
-                 "progress": read_progress(r["file"]) if r["file"] else 0}
+                 "progress": read_progress(r["file"]) if r["file"] else 0,
+                 **({"status": status} if r["file"] and (status := _status(r["file"])) else {})}
                 for r in self.running.values()]
 
     async def _heartbeats(self) -> None:
@@ -313,6 +327,9 @@ class Worker:
                 await self.node.restart_pool(pool)
             log.warning("%s %s of %s failed here: %s", task["phase"], task["index"], task["job"], exc)
             return {"t": "task_failed", **ident, "retry": True, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a bug of ours must not end this slot: the task runs again
+            log.exception("%s %s of %s failed here", task["phase"], task["index"], task["job"])
+            return {"t": "task_failed", **ident, "retry": True, "error": f"{type(exc).__name__}: {exc}"}
         stats.update(seconds=round(time.monotonic() - t0, 4), started=round(started, 4),
                      ended=round(time.time(), 4))
         report = {"t": "task_done", **ident, "stats": stats}
@@ -337,18 +354,17 @@ class Worker:
         node, job = self.node, task["job"]
         fetched: list[Path] = []
         out = str(node.spool.file(job, f"map-{task['index']}"))
-        kind = job_kind(task["kind"])
         whole = task.get("copy_to") is not None
         try:
+            spec = {**await self._spec(task), **_input_spec(task)}
             path, a, b, base = await self._locate(task, fetched)
+            if base:
+                spec["base"] = base
             if whole:
-                stats = await node.run_in_pool(run_whole, task["kind"], path, a, b, out,
+                stats = await node.run_in_pool(run_whole, spec, path, a, b, out,
                                                str(node.spool.file(job, "result")), progress)
             else:
-                stats = await node.run_in_pool(kind.map_range, path, a, b, task["n_reduce"], out, progress)
-        except kind.InvalidUtf8 as exc:
-            raise InputError(f"input {task['name']} is not valid UTF-8: invalid byte at offset {base + exc.offset}; "
-                             "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) and submit again") from None
+                stats = await node.run_in_pool(runtime.map_task, spec, path, a, b, task["n_reduce"], out, progress)
         finally:
             for chunk in fetched:
                 chunk.unlink(missing_ok=True)
@@ -399,7 +415,8 @@ class Worker:
         raise ConnectionLost(f"no holder of input {task['name']} answered ({'; '.join(errors) or 'none known'})")
 
     async def _reduce(self, task: dict[str, Any], progress: str) -> dict[str, Any]:
-        node, job, r = self.node, task["job"], task["index"]
+        node, job, r = self.node, task["job"], task["partition"]
+        spec = await self._spec(task)
         sources: list[tuple[str, int]] = []  # (map output file, r) here; (fetched slices, -1) from others
         remote: dict[str, tuple[str, list[int]]] = {}  # holder -> (address, maps whose outputs it holds)
         local: list[tuple[int, str]] = []  # (map, its output file here)
@@ -450,15 +467,52 @@ class Worker:
                 if isinstance(got, BaseException):
                     raise got
             sources.extend((p, -1) for p in fetched_files)
-            out = str(node.spool.file(job, f"reduce-{r}"))
+            carried = task.get("copy_to") is not None  # not the last step: the output is the next one's input
+            file_id = f"{job}-s{task['step']}-{r}"
+            out = str(node.spool.input(file_id) if carried else node.spool.file(job, f"reduce-{task['index']}"))
             size = sum(Path(p).stat().st_size for p in fetched_files) + sum(
                 mapoutput.size(p, r) for p, part in sources if part >= 0)
-            stats = await node.run_in_pool(job_kind(task["kind"]).reduce_partitions, sources, out)
+            stats = await node.run_in_pool(runtime.reduce_task, spec, sources, out)
             crc = await asyncio.to_thread(crc32_file, out)  # in the log: the master checks its copy
         finally:
             for p in fetched_files:
                 Path(p).unlink(missing_ok=True)
+        if carried:
+            stats["output"] = {"file_id": file_id, "size": os.path.getsize(out),
+                               "holders": await self._store_twice(task, file_id, Path(out))}
         return {**stats, "input_bytes": size, "crc32": crc}
+
+    async def _store_twice(self, task: dict[str, Any], file_id: str, path: Path) -> list[str]:
+        """A step's output is the next step's input: a second member stores a copy, as the
+        job's inputs have (a party of one keeps its only copy)."""
+        node, errors = self.node, []
+        others = [(n, a) for n, a in task["copy_to"] if n != node.name]
+        others.sort(key=lambda m: zlib.crc32(f"{file_id}/{m[0]}".encode()))
+        for name, addr in others:
+            try:
+                await node.push_file(addr, {"t": "store_input", "file": file_id, "size": path.stat().st_size}, path)
+                return [node.name, name]
+            except (PdpError, OSError) as exc:
+                errors.append(f"{name}: {exc}")
+        if others:
+            raise PdpError(f"no other member took a copy of step {task['step'] + 1}'s output ({'; '.join(errors)})")
+        return [node.name]
+
+
+def _status(progress: str) -> str:
+    """What the job's code last said with ``set_status`` in the task reporting to ``progress``."""
+    try:
+        with open(progress + ".status", encoding="utf-8", errors="replace") as f:
+            return f.read(200)
+    except OSError:
+        return ""
+
+
+def _input_spec(task: dict[str, Any]) -> dict[str, Any]:
+    """What a map's task process needs to read its records (file name, line, CSV header)."""
+    return {"name": task.get("name", ""), "line": task.get("line") or 1, "header": task.get("header"),
+            "input_index": task.get("input_index", 0),
+            "data_type": task["spec"].get("data_type") or "text"}
 
 
 def _key(task: dict[str, Any]) -> AttemptKey:

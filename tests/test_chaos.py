@@ -21,7 +21,7 @@ import pytest
 
 from pdp.client import Client, Failover, run_job
 from pdp.errors import PdpError
-from pdp.jobs.wordcount import oracle
+from pdp.jobs.builtin.wordcount import oracle
 from pdp.local import LocalParty
 
 def run(coro: Any) -> Any:
@@ -220,6 +220,7 @@ def test_leader_killed_at_a_random_point_soak(make_party: Callable[..., LocalPar
 def _leader_kill(make_party: Callable[..., LocalParty], corpus: list[Path], tmp_path: Path, seed: int) -> None:
     party = make_party("sleep=0.1")
     leader = leader_index(party)
+    killed_term = run(party.status(leader))["term"]
     follower = (leader + 1) % party.n
     out = tmp_path / "out.tsv"
 
@@ -238,8 +239,12 @@ def _leader_kill(make_party: Callable[..., LocalParty], corpus: list[Path], tmp_
     assert out.read_bytes() == oracle([str(p) for p in corpus])
     wait_until(lambda: [j["state"] for j in run(jobs_view(party)) if j["id"] == f"leader-kill-{seed}"] == ["done"],
                10, "the job listed once, done")
-    new_leader = leader_index(party, [i for i in range(party.n) if i != leader])
-    assert new_leader != leader
+    survivors = [i for i in range(party.n) if i != leader]
+    new_leader = leader_index(party, survivors)  # only ever one of the survivors
+    views = [run(party.status(i)) for i in survivors]
+    seen = [(v["node"], v["leader"], v["term"], v["is_leader"]) for v in views]
+    assert {v["leader"] for v in views} == {party.names[new_leader]}, seen  # elected and known to all
+    assert all(v["term"] > killed_term for v in views), seen  # in a later term than the killed leader's
     assert diverged(party, new_leader) == 0
 
 
@@ -249,15 +254,22 @@ def test_paused_leader_cannot_commit_stale_orders(make_party: Callable[..., Loca
     leader = leader_index(party)
     run(submit(party, (leader + 1) % party.n, corpus, "pause"))
     wait_until(lambda: run(job(party, "pause"))["maps_done"] >= 2, 60, "maps under way")
+    paused_term = run(party.status(leader))["term"]
     party.signal(leader, signal.SIGSTOP)
     others = [i for i in range(party.n) if i != leader]
     new_leader = leader_index(party, others)
+    assert run(party.status(new_leader))["term"] > paused_term
     wait_until(lambda: run(job(party, "pause"))["maps_done"] >= 6, 60, "progress under the new leader")
     party.signal(leader, signal.SIGCONT)
     finish(party, "pause", tmp_path / "out.tsv", corpus)
     views = [run(party.status(i)) for i in range(party.n)]
-    assert sum(v["is_leader"] for v in views) == 1
-    assert {v["leader"] for v in views} == {party.names[new_leader]} or len({v["leader"] for v in views}) == 1
+    # one leader, named by every member (None would mean no master in the current term), elected in
+    # a later term than the paused one's, and not the paused node taking its place back
+    seen = [(v["node"], v["leader"], v["term"], v["is_leader"]) for v in views]
+    leaders, terms = {v["leader"] for v in views}, {v["term"] for v in views}
+    assert len(leaders) == 1 and None not in leaders and party.names[leader] not in leaders, seen
+    assert [v["node"] for v in views if v["is_leader"]] == list(leaders), seen
+    assert len(terms) == 1 and terms.pop() > paused_term, seen
     log = (party.root / f"{party.names[leader]}.log").read_text()
     assert "Traceback" not in log
 

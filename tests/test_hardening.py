@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdp.client import Client
-from pdp.jobs.wordcount import oracle
+from pdp.jobs.builtin.wordcount import oracle
 from pdp.errors import AuthError
 from pdp.local import LocalParty
 from pdp.transport import ConnectionLost, dial

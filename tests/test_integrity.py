@@ -319,7 +319,7 @@ def test_party_flipped_bit_in_a_map_output(make_party: Any, corpus: list[Path], 
     """A map output damaged on its holder's disk after the map finished: the reducer sees the
     CRC mismatch, the map runs again, and the result is still exactly the oracle's."""
     from pdp.client import Client, Failover
-    from pdp.jobs.wordcount import oracle
+    from pdp.jobs.builtin.wordcount import oracle
 
     party = make_party("sleep=0.8")
     inputs = corpus[:3]
@@ -375,7 +375,7 @@ def test_party_damaged_input_copy_and_result_copy(make_party: Any, corpus: list[
     slots busy) is read from the mirror instead; a result copy damaged on one holder is
     served from the other, through a holder and through a member holding none."""
     from pdp.client import Client
-    from pdp.jobs.wordcount import oracle
+    from pdp.jobs.builtin.wordcount import oracle
 
     party = make_party("sleep=0.3")
     ahead, target = corpus[:3], [max(corpus, key=lambda p: p.stat().st_size)]

@@ -206,15 +206,16 @@ def test_pause_reason_disk() -> None:
 
 
 def test_owner_load_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
-    machine = iter([(100.0, 1000.0), (160.0, 1100.0), (160.0, 1100.0), (260.0, 1200.0)])
-    ours = iter([5.0, 20.0, 0.0, 0.0])
+    machine = iter([(100.0, 1000.0), (160.0, 1100.0), (160.0, 1100.0), (290.0, 1200.0), (300.0, 1300.0)])
+    ours = iter([5.0, 20.0, 0.0, 0.0, 50.0])
     monkeypatch.setattr(limits, "_machine_cpu", lambda: next(machine))
     monkeypatch.setattr(Sampler, "_our_cpu", lambda self: next(ours))
     s = Sampler()
     assert s.owner_load() is None  # first call: nothing to compare with
     assert s.owner_load() == pytest.approx(0.4)  # 60% busy, 20% ours
     assert s.owner_load() is None  # no time passed
-    assert s.owner_load() == 1.0  # clamped
+    assert s.owner_load() == 1.0  # 130 busy of 100 s (skewed counters) would be 1.3: clamped to 1
+    assert s.owner_load() == 0.0  # 10 busy, 50 ours would be -0.4: clamped to 0
 
 
 def test_owner_load_real() -> None:
@@ -433,19 +434,21 @@ def test_memory_freed_after_failure(pool: ProcessPoolExecutor) -> None:
 
 @linux_only
 def test_chaos_alloc_fails_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pdp.jobs import chaos
+    from pdp.jobs import runtime
 
     src = tmp_path / "in.txt"
     src.write_text("hello world hello\n")
     outs = str(tmp_path / "out-0")
     monkeypatch.setenv("PDP_CHAOS", "alloc=200")
+    monkeypatch.setenv("PDP_TEST_KINDS", "1")
+    spec = {"builtin": "chaos", "step": 0}
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as executor:
         with pytest.raises(MemoryLimitExceeded, match="memory = 64 MiB"):
-            executor.submit(run_limited, 64 * MiB, 10, chaos.map_range, str(src), 0, src.stat().st_size, 1,
+            executor.submit(run_limited, 64 * MiB, 10, runtime.map_task, spec, str(src), 0, src.stat().st_size, 1,
                             outs).result()
-        stats = executor.submit(run_limited, 0, 10, chaos.map_range, str(src), 0, src.stat().st_size, 1,
+        stats = executor.submit(run_limited, 0, 10, runtime.map_task, spec, str(src), 0, src.stat().st_size, 1,
                                 outs).result()
-    assert stats["words"] == 3
+    assert stats["records_in"] == 3 and stats["keys"] == 2
 
 
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no Unix niceness")

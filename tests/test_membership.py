@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pdp.client import Client, Failover
-from pdp.jobs.wordcount import oracle
+from pdp.jobs.builtin.wordcount import oracle
 from pdp.local import LocalParty
 
 @pytest.fixture

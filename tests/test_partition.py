@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from pdp.identity import load_node_identity
-from pdp.jobs.wordcount import oracle
+from pdp.jobs.builtin.wordcount import oracle
 from pdp.partyfile import found
 
 from netns import LossUnavailable, NetnsUnavailable, VirtualLan, check_available, loss_backend

@@ -15,7 +15,7 @@ import pytest
 from pdp.client import Client
 from pdp.errors import AuthError
 from pdp.identity import new_credential
-from pdp.jobs.wordcount import oracle
+from pdp.jobs.builtin.wordcount import oracle
 from pdp.local import LocalParty
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pdp.client import Client, run_job
 from pdp.errors import PdpError
-from pdp.jobs.wordcount import oracle
+from pdp.jobs.builtin.wordcount import oracle
 from pdp.local import LocalParty
 from pdp.state import ACTIVE
 

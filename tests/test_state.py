@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdp.split import plan_ranges
-from pdp.state import ACTIVE, MAX_ERROR, State
+from pdp.state import ACTIVE, MAX_ERROR, Record, State
 
 TERM = 3  # the current master's term in most tests
 
@@ -217,7 +217,7 @@ def test_submit_splits_every_input_into_chunks() -> None:
     assert [(t.phase, t.index) for t in job.reduces] == [("reduce", 0), ("reduce", 1), ("reduce", 2)]
     for t in job.maps + job.reduces:
         assert (t.state, t.node, t.attempt, t.term, t.lease_until, t.stats) == ("pending", "", 0, 0, 0.0, {})
-    assert job.counts() == {"maps": 6, "maps_done": 0, "reduces": 3, "reduces_done": 0}
+    assert job.counts() == {"maps": 6, "maps_done": 0, "reduces": 3, "reduces_done": 0, "step": 1, "steps": 1}
     assert s.next_seq == 1
     assert s.active_jobs() == [job]
 
@@ -268,7 +268,7 @@ def test_all_empty_inputs_go_straight_to_reducing(sizes: list[int]) -> None:
     job = s.jobs["empty"]
     assert job.maps == []
     assert job.state == "reducing"
-    assert job.counts() == {"maps": 0, "maps_done": 0, "reduces": 2, "reduces_done": 0}
+    assert job.counts() == {"maps": 0, "maps_done": 0, "reduces": 2, "reduces_done": 0, "step": 1, "steps": 1}
     assert ok(s, assign_cmd("empty", "reduce", 1)) == {"ok": True, "attempt": 1}
     ok(s, complete_cmd("empty", "reduce", 1))
     assert job.state == "reducing"
@@ -385,7 +385,8 @@ def test_full_lifecycle(sizes: list[int], chunk: int, n_reduce: int) -> None:
         assert job.state == "reducing"
         assert s.apply(complete_cmd("j", "reduce", t.index, node="w2")) == {"ok": True}
         assert t.state == "done" and t.node == "w2"
-        assert job.counts() == {"maps": n_maps, "maps_done": n_maps, "reduces": n_reduce, "reduces_done": done}
+        assert job.counts() == {"maps": n_maps, "maps_done": n_maps, "reduces": n_reduce, "reduces_done": done,
+                                "step": 1, "steps": 1}
     assert job.state == "assembling"
     assert s.active_jobs() == [job]
 
@@ -740,21 +741,25 @@ def test_unknown_phase_on_complete_of_running_reduce() -> None:
     ok(s, assign_cmd("j", "reduce", 0))
     refused(s, complete_cmd("j", "bogus", 0))
 
-def test_bad_stats_on_last_map_does_not_wedge_the_job() -> None:
+@pytest.mark.parametrize("stats", [7, "junk", [["records", 1]]])
+def test_bad_stats_on_last_map_does_not_wedge_the_job(stats: Any) -> None:
     s = fresh()
     ok(s, submit_cmd("j", [4], chunk=4, n_reduce=1))
     ok(s, assign_cmd("j", "map", 0))
     cmd = complete_cmd("j", "map", 0)
-    cmd["stats"] = 7
-    s.apply(cmd)
+    cmd["stats"] = stats
+    # Stats that are not a dict refuse the whole completion, changing nothing: the map still
+    # runs on w1, the job is still mapping, and w1 is not credited with a done task.
+    assert refused(s, cmd)["error"] == "stats must be a dict"
     job = s.jobs["j"]
-    # Either the bad completion was refused (and a good one goes through) or it was accepted
-    # and the job advanced; what must never happen is a done map under a job still mapping.
-    if job.maps[0].state == "done":
-        assert job.state == "reducing"
-    else:
-        ok(s, complete_cmd("j", "map", 0))
-        assert job.state == "reducing"
+    t = job.maps[0]
+    assert (t.state, t.node, t.attempt, t.runs) == ("running", "w1", 1, {1: "w1"})
+    assert job.state == "mapping" and s.records.get("w1", Record()).done == 0
+    # The same attempt's good completion still goes through and moves the job on.
+    ok(s, complete_cmd("j", "map", 0))
+    assert (t.state, t.node, t.stats) == ("done", "w1", {"records": 0})
+    assert job.state == "reducing" and [r.state for r in job.reduces] == ["pending"]
+    assert s.records["w1"].done == 1
 
 def test_complete_with_empty_node_is_refused() -> None:
     s = job_in("mapping")

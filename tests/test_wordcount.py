@@ -12,9 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import zlib
+
 from pdp import mapoutput
+from pdp.jobs import engine, runtime
 from pdp.errors import InputError, PdpError
-from pdp.jobs import wordcount as wc
+from pdp.jobs.builtin import wordcount as wc
 from pdp.split import aligned_bounds, plan_ranges
 
 CORPUS = Path(os.environ.get("PDP_CORPUS", "/work/shared/corpus"))
@@ -117,11 +120,6 @@ def test_count_file_range_corpus_small_pieces() -> None:
     assert wc.count_file_range(str(path), 0, end, piece=4096) == wc.count_words(data)
 
 
-def test_partition_of_is_crc32() -> None:
-    assert wc.partition_of(b"hello", 7) == 0x3610A686 % 7
-    assert all(0 <= wc.partition_of(w, 3) < 3 for w in (b"", b"a", "ß".encode()))
-
-
 def test_format_counts_order() -> None:
     words = ["ängel", "Zebra", "apple", "Ängel", "ab", "abc", "a", "日本"]
     out = wc.format_counts({w.encode(): i + 1 for i, w in enumerate(words)})
@@ -163,15 +161,19 @@ def corpus_oracle(corpus_paths: list[str]) -> bytes:
     return wc.oracle(corpus_paths)
 
 
-def run_pipeline(paths: list[str], chunk: int, n_reduce: int, work: Path) -> bytes:
-    maps: list[list[str]] = []
+SPEC = {"builtin": "wordcount", "step": 0, "data_type": "text"}
+
+
+def run_pipeline(paths: list[str], chunk: int, n_reduce: int, work: Path, spec: dict = SPEC) -> bytes:
+    """Word count on the engine's task functions, as the party runs them."""
+    maps: list[str] = []
     for path in paths:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             bounds = [aligned_bounds(f, s, e, size) for s, e in plan_ranges(size, chunk)]
         for a, b in bounds:
             out = str(work / f"m{len(maps)}")
-            stats = wc.map_range(path, a, b, n_reduce, out)
+            stats = runtime.map_task(spec, path, a, b, n_reduce, out)
             assert stats["bytes"] == b - a
             maps.append(out)
     reduced = []
@@ -180,11 +182,11 @@ def run_pipeline(paths: list[str], chunk: int, n_reduce: int, work: Path) -> byt
         # half the partitions read from map output files, half as a fetched concatenation
         concat = work / f"in{r}"
         concat.write_bytes(b"".join(mapoutput.read(m, r) for m in maps[::2]))
-        stats = wc.reduce_partitions([(str(concat), -1), *((m, r) for m in maps[1::2])], out)
+        stats = runtime.reduce_task(spec, [(str(concat), -1), *((m, r) for m in maps[1::2])], out)
         assert stats["bytes"] == os.path.getsize(out)
         reduced.append(out)
     final = work / "final"
-    stats = wc.merge_outputs(reduced, str(final))
+    stats = runtime.merge_outputs(spec, reduced, str(final))
     data = final.read_bytes()
     assert stats == {"keys": data.count(b"\n"), "bytes": len(data)}
     return data
@@ -197,20 +199,19 @@ def test_pipeline_equals_oracle(
     assert run_pipeline(corpus_paths, chunk, n_reduce, tmp_path) == corpus_oracle
 
 
-def test_map_range_partitions(tmp_path: Path) -> None:
+def test_map_task_partitions(tmp_path: Path) -> None:
     p = tmp_path / "in"
     p.write_bytes("b a b ä\nc".encode())
     out = str(tmp_path / "map")
-    assert wc.map_range(str(p), 0, p.stat().st_size, 4, out) == {"bytes": p.stat().st_size, "words": 5, "keys": 4}
-    merged: dict[bytes, int] = {}
+    stats = runtime.map_task(SPEC, str(p), 0, p.stat().st_size, 4, out)
+    assert (stats["bytes"], stats["records_in"], stats["keys"]) == (p.stat().st_size, 5, 4)
+    merged: dict[str, int] = {}
     for i in range(4):
-        part = msgpack.unpackb(mapoutput.read(out, i), raw=False, strict_map_key=False)
-        assert len(mapoutput.read(out, i)) == mapoutput.size(out, i)
-        assert all(isinstance(k, bytes) and wc.partition_of(k, 4) == i for k in part)
-        merged.update(part)
-    assert merged == {b"a": 1, b"b": 2, "ä".encode(): 1, b"c": 1}
-    with pytest.raises(ValueError):
-        wc.map_range(str(p), 0, 1, 0, out)
+        records = list(engine.read_run(out, mapoutput.offset(out, i)))
+        assert records == sorted(records)
+        assert all(zlib.crc32(kb) % 4 == i for kb, _ in records)
+        merged.update((engine.decode_key(kb), msgpack.unpackb(vb)) for kb, vb in records)
+    assert merged == {"a": 1, "b": 2, "ä": 1, "c": 1}
     with pytest.raises(PdpError, match="has 4 partitions"):
         mapoutput.read(out, 4)
     Path(out).write_bytes(b"junk")

@@ -6,18 +6,10 @@ per distinct word, sorted by code point. Input must be valid UTF-8 (strict:
 encoded surrogates are invalid); otherwise :class:`InvalidUtf8` names the first
 bad byte.
 
-Pipeline, each step taking file paths and returning a small dict of statistics:
-
-* :func:`map_range` counts words in a byte range of an input file and writes
-  ``n_reduce`` msgpack partition files (word bytes -> count), a word going to
-  partition :func:`partition_of`.
-* :func:`reduce_partitions` sums the map outputs of one partition and writes
-  its sorted final lines.
-* :func:`merge_outputs` k-way merges the reduce outputs (disjoint, each sorted).
-
-Sorting UTF-8 bytes gives code point order, and words contain no byte below
-0x41 while the separator is a tab (0x09), so sorting whole ``word\\tcount\\n``
-lines as bytes orders them by word.
+On the engine it is the job class :class:`WordCount`: a mapper of lines for any input and,
+for text, the fast kernel (``map_counts``: the counts of a whole byte range, combined
+already) and a reduce that sums (``REDUCE_SUMS``). Its output protocol writes the plain
+``word\tcount`` lines.
 
 The fast kernel (:func:`count_words`) works on bytes: ASCII non-letters can never
 be part of a multibyte UTF-8 sequence, so translating them to spaces and
@@ -29,19 +21,14 @@ correct sequential reference the tests and the node compare against.
 
 from __future__ import annotations
 
-import heapq
 import string
-import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import groupby
+from typing import Any
 
-import msgpack
-
-from pdp import mapoutput
 from pdp.errors import InputError
-from pdp.fsutil import atomic_write, atomic_writer
+from pdp.jobs.api import MRJob, TabProtocol
 from pdp.progress import report
 
 _LETTERS = frozenset(string.ascii_letters.encode())
@@ -151,73 +138,6 @@ def count_file_range(
     return total
 
 
-def partition_of(word: bytes, n: int) -> int:
-    """The reduce partition of ``word`` among ``n``: stable across processes and machines."""
-    return zlib.crc32(word) % n
-
-
-_PARTITIONS: dict[int, dict[bytes, int]] = {}  # n_reduce -> word -> partition, per task process
-_PARTITIONS_MAX = 1 << 20
-
-
-def _partitions(n: int) -> dict[bytes, int]:
-    """This process's memo of partition_of for ``n`` partitions (words repeat across maps)."""
-    known = _PARTITIONS.setdefault(n, {})
-    if len(known) > _PARTITIONS_MAX:
-        known.clear()
-    return known
-
-
-def map_range(
-    path: str, start: int, end: int, n_reduce: int, out_path: str, progress: str | None = None
-) -> dict:
-    """Count bytes ``[start, end)`` of ``path`` and write one map output file (see
-    :mod:`pdp.mapoutput`) of ``n_reduce`` msgpack partitions (word bytes -> count)."""
-    if n_reduce < 1:
-        raise ValueError(f"need n_reduce >= 1, got {n_reduce}")
-    counts = count_file_range(path, start, end, progress=progress)
-    parts: list[dict[bytes, int]] = [{} for _ in range(n_reduce)]
-    known = _partitions(n_reduce)
-    for word, n in counts.items():
-        r = known.get(word)
-        if r is None:
-            r = known[word] = partition_of(word, n_reduce)
-        parts[r][word] = n
-    mapoutput.write(out_path, [msgpack.packb(part, use_bin_type=True) for part in parts])
-    return {"bytes": end - start, "words": sum(counts.values()), "keys": len(counts)}
-
-
-def format_counts(counts: Mapping[bytes, int]) -> bytes:
-    """The output lines ``word\\tcount\\n`` for ``counts``, sorted by code point."""
-    return b"".join(sorted(b"%s\t%d\n" % (w, n) for w, n in counts.items()))
-
-
-def reduce_partitions(sources: list[mapoutput.Source], out_path: str) -> dict:
-    """Sum one partition of the map outputs (``sources``, see :mod:`pdp.mapoutput`) and write
-    its sorted lines to ``out_path``."""
-    total: Counter[bytes] = Counter()
-    for path, r in sources:
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
-        unpacker.feed(mapoutput.read(path, r))
-        for counts in unpacker:
-            total.update(counts)
-    data = format_counts(total)
-    atomic_write(out_path, data, durable=False)
-    return {"keys": len(total), "bytes": len(data)}
-
-
-def merge_outputs(in_paths: list[str], out_path: str) -> dict:
-    """Stream the k-way merge of sorted, disjoint reduce outputs into ``out_path``."""
-    keys = size = 0
-    with ExitStack() as stack, atomic_writer(out_path) as out:
-        files = [stack.enter_context(open(p, "rb")) for p in in_paths]
-        for line in heapq.merge(*files):
-            out.write(line)
-            keys += 1
-            size += len(line)
-    return {"keys": keys, "bytes": size}
-
-
 class _NonLettersToSpace(dict[int, int]):
     """A ``str.translate`` table, filled lazily: every non-letter code point maps to a space."""
 
@@ -239,3 +159,38 @@ def oracle(paths: list[str]) -> bytes:
             raise InvalidUtf8(e.start, path) from None
         counts.update(text.translate(table).split())  # letters are never whitespace
     return "".join(f"{w}\t{counts[w]}\n" for w in sorted(counts)).encode("utf-8")
+
+
+def format_counts(counts: Mapping[bytes, int]) -> bytes:
+    """The output lines ``word\tcount\n`` for ``counts``, sorted by code point."""
+    return b"".join(sorted(b"%s\t%d\n" % (w, n) for w, n in counts.items()))
+
+
+_TABLE_STR = _NonLettersToSpace()
+
+
+class WordCount(MRJob):
+    """``word<TAB>count`` for every word (a maximal run of letters), sorted by code point."""
+
+    OUTPUT_PROTOCOL = TabProtocol
+    REDUCE_SUMS = True  # the reducer sums: the engine may sum at C speed
+
+    def mapper(self, _: Any, line: str) -> Iterator[tuple[str, int]]:
+        for word in line.translate(_TABLE_STR).split():
+            yield word, 1
+
+    def combiner(self, word: str, counts: Iterable[int]) -> Iterator[tuple[str, int]]:
+        yield word, sum(counts)
+
+    def reducer(self, word: str, counts: Iterable[int]) -> Iterator[tuple[str, int]]:
+        yield word, sum(counts)
+
+    def map_counts(self, path: str, start: int, end: int, progress: str | None = None, *, name: str = "",
+                   base: int = 0) -> Counter[bytes]:
+        """The combined map output of bytes ``[start, end)`` of a text input, by the fast kernel
+        (``name``: the input as the user named it; ``base``: where ``path`` starts in it)."""
+        try:
+            return count_file_range(path, start, end, progress=progress)
+        except InvalidUtf8 as exc:
+            raise InputError(f"input {name or path} is not valid UTF-8: invalid byte at offset {base + exc.offset}; "
+                             "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) and submit again") from None

@@ -21,13 +21,12 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Any
 
-from pdp.jobs import wordcount
-from pdp.jobs.wordcount import InvalidUtf8, merge_outputs, oracle
+from collections import Counter
+from collections.abc import Iterator
+
+from pdp.jobs.builtin.wordcount import WordCount
 from pdp.progress import report
-
-__all__ = ["InvalidUtf8", "map_range", "merge_outputs", "oracle", "reduce_partitions"]
 
 
 def _settings() -> dict[str, float]:
@@ -60,14 +59,19 @@ def _hog() -> bytearray:
     return buf
 
 
-def map_range(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    hog = _hog()
-    _misbehave(kwargs.get("progress", args[5] if len(args) > 5 else None), crawl=True)
-    stats = wordcount.map_range(*args, **kwargs)
-    del hog
-    return stats
+class Chaos(WordCount):
+    """Word count whose map and reduce tasks misbehave as ``PDP_CHAOS`` says."""
 
+    REDUCE_SUMS = False  # the reduce goes through reducer_init (which misbehaves)
 
-def reduce_partitions(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    _misbehave()
-    return wordcount.reduce_partitions(*args, **kwargs)
+    def map_counts(self, path: str, start: int, end: int, progress: str | None = None, *, name: str = "",
+                   base: int = 0) -> Counter[bytes]:
+        hog = _hog()
+        _misbehave(progress, crawl=True)
+        counts = super().map_counts(path, start, end, progress, name=name, base=base)
+        del hog
+        return counts
+
+    def reducer_init(self) -> Iterator[tuple[str, int]]:
+        _misbehave()
+        return iter(())
