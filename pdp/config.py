@@ -64,13 +64,13 @@ class NodeConfig:
     on_pause: str = "finish"  # "finish": running tasks finish; "hand_back": they run elsewhere at once
     backup_tasks: bool = True  # master: near a phase's end, a straggler gets a backup copy on a faster member
     allow_code: bool = False  # run users' job code (job files) here; built-in jobs always run
-    sort_mb: float = 0.0  # a task's sort buffer in MiB; 0 = 64, or a quarter of ``memory`` if that is less
+    sort_mb: float = 0.0  # a task's sort buffer in MiB; 0 = 32, or a quarter of ``memory`` if that is less
 
     @property
     def sort_buffer_mb(self) -> float:
         if self.sort_mb:
             return self.sort_mb
-        return min(64.0, self.memory / 4 / MiB) if self.memory else 64.0
+        return min(32.0, self.memory / 4 / MiB) if self.memory else 32.0
 
     @property
     def data_port(self) -> int:
@@ -130,7 +130,7 @@ class NodeConfig:
             raise ConfigError(f"max_load = {self.max_load!r}: must be a fraction of all CPUs between 0 "
                               "(never pause for load) and 1")
         if isinstance(self.sort_mb, bool) or not isinstance(self.sort_mb, (int, float)) or not 0 <= self.sort_mb <= 65536:
-            raise ConfigError(f"sort_mb = {self.sort_mb!r}: must be a number of MiB (0: 64, or a quarter of memory)")
+            raise ConfigError(f"sort_mb = {self.sort_mb!r}: must be a number of MiB (0: 32, or a quarter of memory)")
         if self.memory and self.sort_mb * MiB > self.memory / 2:
             raise ConfigError(f"sort_mb = {self.sort_mb}: must be at most half of memory ({format_size(self.memory)})")
         for key in ("pause_on_battery", "backup_tasks", "allow_code"):

@@ -107,6 +107,9 @@ class Gateway:
         cmd = self._submit_cmd(job_id, kind, hdr, stored)
         cmd.update(chunk_size=chunk, spec={**_plain_spec(spec), "data_type": data_type},
                    steps=steps or max(1, int(hdr.get("steps") or 1)), code=stored_code)
+        if kind == "sort" and not code:  # range partitioning: cut points from a sample of the stored inputs
+            cmd["spec"]["args"] = [*cmd["spec"]["args"], *await asyncio.to_thread(
+                self._sort_cuts, stored, data_type, cmd["spec"]["args"], cmd["n_reduce"])]
         res = await self._commit(cmd)
         log.info("job %s accepted: %s of %d input(s), %d bytes, from %s, inputs on %s", job_id, kind, len(stored),
                  cmd["form"]["size"], cmd["form"]["submitter"], ", ".join(stored[0]["holders"]))
@@ -127,6 +130,16 @@ class Gateway:
             raise InputError("no member of the party runs users' job code: a member's owner must set "
                              "allow_code = true in its config (the built-in jobs run everywhere)")
         return 0
+
+    def _sort_cuts(self, stored: list[dict[str, Any]], data_type: str, args: list[str], n: int) -> list[str]:
+        """The built-in sort's ``--cuts``: ``n`` even ranges of the keys sampled from the inputs."""
+        from pdp.jobs.builtin import sort
+
+        keys: list[Any] = []
+        for inp in stored:
+            keys += sort.sample_keys(str(self.node.spool.input(inp["file_id"])), inp["size"], data_type, args,
+                                     inp.get("header"))
+        return sort.cuts_arg(sort.sample_cuts(keys, n))
 
     def _chunk(self, hdr: dict[str, Any], sizes: list[int]) -> int:
         """The map chunk size: the node's (or the submitter's), grown so that a job never has

@@ -333,7 +333,7 @@ def _check_inputs(inputs: Any) -> tuple[list[dict[str, Any]], str | None]:
         cuts, header = inp.get("cuts"), inp.get("header")
         if cuts is not None:
             if type(cuts) not in (list, tuple) or len(cuts) > MAX_MAPS or not all(
-                    type(c) in (list, tuple) and len(c) == 2 and _int(c[0], 1, size - 1) and _int(c[1], 1, 1 << 62)
+                    type(c) in (list, tuple) and len(c) == 2 and _int(c[0], 1, int(size or 0) - 1) and _int(c[1], 1, 1 << 62)
                     for c in cuts) or any(a[0] >= b[0] for a, b in zip(cuts, cuts[1:])):
                 return [], f"input {k}: cuts must be increasing [offset, line] pairs inside the input"
         if header is not None and (type(header) not in (list, tuple) or len(header) > MAX_COLUMNS
@@ -861,7 +861,7 @@ class State:
     def _next_step(self, job: Job) -> None:
         """Step k is done: its reduce outputs (each stored on two members, as the job's
         inputs are) become the inputs of step k + 1, one map each."""
-        carried = []
+        carried: list[dict[str, Any]] = []
         for t in job.current("reduce"):
             out = t.stats.get("output")
             holders = out.get("holders") if type(out) is dict else None

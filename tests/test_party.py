@@ -170,3 +170,33 @@ def test_no_raft_log_truncation_under_load(party: LocalParty, corpus: list[Path]
         assert (tmp_path / f"b{k}.tsv").read_bytes() == oracle([str(corpus[k % len(corpus)])])
     for v in _statuses(party):
         assert v["raft"]["truncations"] == 0 and v["raft"]["diverged"] == 0
+
+
+# -- the other built-in jobs on the party ---------------------------------------------------
+
+
+def test_builtin_grep_indexer_and_sort_match_their_oracles(party: LocalParty, corpus: list[Path],
+                                                           tmp_path: Path) -> None:
+    """grep, indexer and sort through `pdp submit`, byte for byte their oracles; sort's reducers
+    each get a share (the gateway sampled the inputs for the range cuts)."""
+    from pdp.jobs.builtin import grep, indexer, sort
+
+    books = [str(p) for p in corpus[:4]]
+    cases = [("grep", ["--", "[Ww]hale|Alice"], grep.oracle(books, "[Ww]hale|Alice")),
+             ("indexer", [], indexer.oracle(books)),
+             ("sort", ["--", "--field", "1"], sort.oracle(books, ["--field", "1"]))]
+    for job, args, want in cases:
+        out = tmp_path / f"{job}.out"
+        res = _cli("submit", job, *books, "-o", str(out), "--node", party.addr(1), "--json", *args,
+                   key_file=party.key_file)
+        assert res.returncode == 0, res.stderr
+        assert out.read_bytes() == want, job
+        job_id = json.loads(res.stdout)["id"]
+
+        async def detail(job_id: str = job_id) -> dict:
+            async with Client(party.addr(0), party.key) as c:
+                return await c.job(job_id)
+        tasks = asyncio.run(detail())["tasks"]
+        if job == "sort":
+            outs = [t["stats"]["records_out"] for t in tasks if t["phase"] == "reduce"]
+            assert len(outs) > 1 and min(outs) > 0 and sum(outs) == want.count(b"\n"), outs

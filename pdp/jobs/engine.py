@@ -94,7 +94,7 @@ def write_run(f: BinaryIO, records: Iterable[tuple[bytes, ...]]) -> int:
     return count
 
 
-def read_run(path: str, offset: int = 0) -> Iterator[Record]:
+def read_run(path: str, offset: int = 0) -> Iterator[Any]:
     """The records ``(kb, vb)`` of the run at ``offset`` of ``path``, read in blocks."""
     with open(path, "rb") as f:
         f.seek(offset)
@@ -140,7 +140,7 @@ def source_runs(sources: list[tuple[str, int]]) -> list[tuple[str, int]]:
     return runs
 
 
-def merge_runs(runs: list[tuple[str, int]], tmpdir: str) -> Iterator[Record]:
+def merge_runs(runs: list[tuple[str, int]], tmpdir: str) -> Iterator[Any]:
     """All records of the runs, in order; at most MERGE_FACTOR runs are open at once (more
     are first merged in passes into temporary runs in ``tmpdir``)."""
     temps: list[str] = []
@@ -161,7 +161,7 @@ def merge_runs(runs: list[tuple[str, int]], tmpdir: str) -> Iterator[Record]:
             os.unlink(tmp)
 
 
-def _merged(runs: list[tuple[str, int]]) -> Iterator[Record]:
+def _merged(runs: list[tuple[str, int]]) -> Iterator[Any]:
     if len(runs) == 1:
         return read_run(*runs[0])
     return heapq.merge(*(read_run(path, off) for path, off in runs))
@@ -325,8 +325,11 @@ class Sorter:
 
 def _chain_keys(str_buf: dict[str, list[Any]], enc_buf: dict[bytes, list[Any]]
                 ) -> Iterator[tuple[Any, bytes, list[Any]]]:
-    """(key as the job sees it, encoded key, values) of every buffered key."""
-    for key, values in str_buf.items():
+    """(key as the job sees it, encoded key, values) of every buffered key, emptying the
+    buffers as it goes (so the buffered values and their records are not both held whole)."""
+    while str_buf:
+        key, values = str_buf.popitem()
         yield key, encode_str_key(key), values
-    for kb, values in enc_buf.items():
+    while enc_buf:
+        kb, values = enc_buf.popitem()
         yield decode_key(kb), kb, values

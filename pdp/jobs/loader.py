@@ -172,7 +172,13 @@ def prepare(job: Any, args: list[str]) -> Prepared:
     module = load_module(str(path), path.name)
     cls = job_class(module, cls_name, path.name)
     instance = new_job(cls, list(args))
-    steps = len(instance.steps())
+    from pdp.jobs.runtime import check_step, user_code
+
+    with user_code("setup"):
+        found = list(instance.steps())
+    for k, step in enumerate(found):
+        check_step(step, k)  # refused here, before any upload
+    steps = len(found)
     files = job_files(instance, path)
     kind = re.sub(r"[^A-Za-z0-9_-]", "-", path.stem)[:64].lstrip("-_") or "job"
     spec = {"main": path.name, "cls": cls_name, "shown": path.name, "args": list(args)}

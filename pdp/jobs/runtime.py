@@ -186,7 +186,7 @@ def map_task(spec: dict[str, Any], path: str, start: int, end: int, n_reduce: in
     """Map ``[start, end)`` of ``path`` (record-aligned) into a map output file of ``n_reduce``
     sorted partitions at ``out``."""
     plan = Plan(spec, progress)
-    job, limit = plan.job, int(float(spec.get("sort_mb", 64)) * MiB)
+    job, limit = plan.job, int(float(spec.get("sort_mb", 32)) * MiB)
     fast = getattr(job, "map_counts", None)
     if fast is not None and plan.k == 0 and (spec.get("data_type") or "text") == "text":
         with user_code("map_counts"):
@@ -282,7 +282,7 @@ def reduce_task(spec: dict[str, Any], sources: list[tuple[str, int]], out: str,
         return plan.stats(keys=len(records), records_out=written, bytes=os.path.getsize(out))
     tmpdir = os.path.dirname(out) or "."
     reducer, init, final_fn = plan.fn("reducer"), plan.fn("reducer_init"), plan.fn("reducer_final")
-    sorter = engine.Sorter(1, int(float(spec.get("sort_mb", 64)) * MiB), tmpdir)
+    sorter = engine.Sorter(1, int(float(spec.get("sort_mb", 32)) * MiB), tmpdir)
     decode = engine.value_coder(plan.sort_values)[1]
     keys = 0
     try:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from pdp.jobs.builtin.chaos import Chaos
+from pdp.jobs.builtin.grep import Grep
+from pdp.jobs.builtin.indexer import Indexer
+from pdp.jobs.builtin.sort import Sort
 from pdp.jobs.builtin.wordcount import WordCount
 
-BUILTINS: dict[str, type] = {"wordcount": WordCount}
+BUILTINS: dict[str, type] = {"wordcount": WordCount, "grep": Grep, "indexer": Indexer, "sort": Sort}
 TEST_ONLY: dict[str, type] = {"chaos": Chaos}  # with PDP_TEST_KINDS=1 only
