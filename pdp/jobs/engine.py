@@ -77,6 +77,14 @@ def write_run(f: BinaryIO, records: Iterable[tuple[bytes, ...]]) -> int:
     The file must be seekable (the body length is patched in at the end)."""
     start = f.tell()
     f.write(b"\0" * 8)
+    if type(records) is list:  # all in memory: msgpack packs the list in C; its items are the run's body
+        body = _packb(records)
+        f.write(body[_array_header_size(body[0]):])
+        end = f.tell()
+        f.seek(start)
+        f.write(_LEN.pack(end - start - 8))
+        f.seek(end)
+        return len(records)
     count, pack, pending, size = 0, _packb, [], 0
     for record in records:
         item = pack(record)
@@ -92,6 +100,11 @@ def write_run(f: BinaryIO, records: Iterable[tuple[bytes, ...]]) -> int:
     f.write(_LEN.pack(end - start - 8))
     f.seek(end)
     return count
+
+
+def _array_header_size(first: int) -> int:
+    """Bytes of a msgpack array header, from its first byte (fixarray, array 16, array 32)."""
+    return 1 if first & 0xF0 == 0x90 else 3 if first == 0xDC else 5
 
 
 def read_run(path: str, offset: int = 0) -> Iterator[Any]:

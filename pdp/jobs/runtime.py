@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +27,7 @@ import msgpack
 
 from pdp.errors import InputError
 from pdp.jobs import engine, inputs
-from pdp.jobs.api import JobDefinitionError, Reporter
+from pdp.jobs.api import JobDefinitionError, MRJob, Reporter
 from pdp.jobs.api import _identity_mapper as identity_mapper
 from pdp.jobs.api import _identity_reducer as identity_reducer
 from pdp.jobs.loader import load_job
@@ -244,13 +245,19 @@ def _run_mapper(plan: Plan, records: Iterable[tuple[Any, Any]], sorter: engine.S
     sorter.records_in = n
 
 
+_PACKED = [msgpack.packb(n) for n in range(1024)]
+
+
 def _count_records(counts: dict[bytes, int], n: int, partition: Any) -> list[list[engine.Record]]:
-    """Word counts (UTF-8 word -> count) as sorted records per partition."""
+    """Word counts (UTF-8 word -> count) as sorted records per partition (the job's
+    ``partition``, or the default CRC-32 inlined: this is word count's hot loop)."""
     parts: list[list[engine.Record]] = [[] for _ in range(n)]
-    pack, tag = msgpack.Packer().pack, engine.STR_TAG
+    pack, tag, packed, crc32 = msgpack.Packer().pack, engine.STR_TAG, _PACKED, zlib.crc32
+    default = partition is None or getattr(partition, "__func__", None) is MRJob.partition
     for word, count in counts.items():
         kb = tag + word + b"\0" if b"\0" not in word else engine.encode_key(word.decode("utf-8"))
-        parts[partition(kb, n) if partition is not None and n > 1 else 0].append((kb, pack(count)))
+        r = 0 if n == 1 else crc32(kb) % n if default else partition(kb, n)
+        parts[r].append((kb, packed[count] if count < 1024 else pack(count)))
     for records in parts:
         records.sort()
     return parts
