@@ -234,8 +234,9 @@ class Master:
                                           f"of {hdr.get('job')} is not running on {hdr['node']}"}
         cmd = {"op": "complete", "job": hdr["job"], "phase": hdr["phase"], "index": hdr["index"],
                "attempt": hdr["attempt"], "node": hdr["node"], "term": term, "stats": hdr.get("stats") or {}}
+        cmd["now"] = time.time()  # (a whole small job ends with it; a step that fails records it)
         if isinstance(hdr.get("result"), dict):
-            cmd.update(result=hdr["result"], now=time.time())
+            cmd["result"] = hdr["result"]
         res = await self.node.propose(cmd)
         if res.get("stale"):
             raise NotMaster(res["error"])

@@ -184,7 +184,8 @@ class Job:
         for t in self.maps + self.reduces:
             if t.state != "done":
                 continue
-            for group, names in (t.stats.get("counters") or {}).items():
+            found = t.stats.get("counters")
+            for group, names in (found.items() if type(found) is dict else ()):
                 if type(names) is not dict:
                     continue
                 mine = total.setdefault(str(group), {})
@@ -644,6 +645,8 @@ class State:
             return {"ok": True, "gone": True}
         if member.voter:
             return _err(f"{name} is a core (Raft) member: it must be removed from the core first")
+        if type(c.get("term")) is not int:
+            return _err("a leave needs the master's term (a whole number)")
         del self.members[name]
         if int(c["term"]) == self.master["term"]:
             self._lost({"node": name, "term": c["term"]})
@@ -762,11 +765,12 @@ class State:
         if backup:
             if task.state != "running" or len(task.runs) != 1 or node in task.runs.values():
                 return _err(f"task {task.phase} {task.index} of {job.id} cannot take a backup on {node}", busy=True)
-            job.backups += 1
         elif task.state != "pending":
             return _err(f"task {task.phase} {task.index} of {job.id} is {task.state}", busy=True)
         if task.phase == "reduce" and job.state != "reducing":
             return _err(f"job {job.id} is {job.state}: reduce tasks wait for every map")
+        if backup:
+            job.backups += 1
         task.attempt += 1
         if not backup:
             task.state, task.node, task.runs = "running", node, {}
@@ -818,7 +822,7 @@ class State:
             reduce.state, reduce.node, reduce.attempt = "done", node, max(reduce.attempt, 1)
             job.state, job.result, job.finished_at = "done", dict(result), float(now)  # type: ignore[arg-type]
             return {"ok": True, "job_done": True}
-        self._advance(job)
+        self._advance(job, now if _number(now) else None)
         return {"ok": True}
 
     def _record(self, name: str) -> Record:
@@ -844,7 +848,7 @@ class State:
         rec.streak += 1
         rec.last_fail = now
 
-    def _advance(self, job: Job) -> None:
+    def _advance(self, job: Job, now: float | None = None) -> None:
         """Derive the phase of an active job from its current step's tasks (it may also move
         back); when a step that is not the last is done, the next one starts."""
         maps = job.current("map")
@@ -854,11 +858,11 @@ class State:
         elif not all(t.state == "done" for t in job.current("reduce")):
             job.state = "reducing"
         elif job.step + 1 < job.steps:
-            self._next_step(job)
+            self._next_step(job, now)
         else:
             job.state = "assembling"
 
-    def _next_step(self, job: Job) -> None:
+    def _next_step(self, job: Job, now: float | None = None) -> None:
         """Step k is done: its reduce outputs (each stored on two members, as the job's
         inputs are) become the inputs of step k + 1, one map each."""
         carried: list[dict[str, Any]] = []
@@ -869,6 +873,7 @@ class State:
                     or type(out.get("file_id")) is not str or FILE_ID.fullmatch(out["file_id"]) is None \
                     or type(holders) is not list or not holders or not all(valid_name(h) for h in holders):
                 job.state, job.error = "failed", f"step {job.step + 1}: reduce {t.index} reported no stored output"
+                job.finished_at = float(now) if now is not None else job.submitted_at
                 return
             carried.append({"name": f"step {job.step + 1} output {len(carried)}", "size": out["size"],
                             "file_id": out["file_id"], "holders": list(holders)[:MAX_HOLDERS]})
