@@ -12,8 +12,9 @@ not go back) and the state (tasks, steps and phases of every active job agree). 
 command log is replayed on a fresh State at teardown: the same dump must come out.
 
 The bugs this machine found in pdp.state (a refused backup counted, a refused leave that
-removed its member, a job failed between steps without a finish time) are fixed; the
-tests at the end pin them.
+removed its member, a job failed between steps without a finish time, a job's counters
+raising on bad stats) are fixed; the tests at the end pin them. One is not: a cancelled
+job does not survive a pickle round trip (a strict xfail test).
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ class PartyMachine(RuleBasedStateMachine):
         others = [n for n in self.member_names() if n not in task.runs.values()] or ["ghost"]
         options = list(task.runs.items()) + list(task.given_up.items())  # may win
         options += [(a, others[0]) for a in task.runs]  # not on that node
-        options += [(a, n) for a in range(0, task.attempt + 2) if a not in task.runs for n in others[:1]]
+        options += [(a, n) for a in range(task.attempt + 2) if a not in task.runs for n in others[:1]]
         if task.runs and data.draw(st.integers(0, 3), label="adversarial"):
             attempt, node = data.draw(st.sampled_from(sorted(task.runs.items())), label="attempt, node")
         else:
@@ -472,12 +473,13 @@ class PartyMachine(RuleBasedStateMachine):
         """Several orders in one entry, all built against the state before it (some go stale)."""
         builders = [self.b_assign, self.b_complete, self.b_release, self.b_redo, self.b_lost, self.b_submit,
                     self.b_member, self.b_master, self.b_finish]
-        cmds = []
+        cmds: list[Any] = []
         for build in data.draw(st.lists(st.sampled_from(builders), max_size=4), label="batch"):
             cmd = build(data)
             if cmd is not None:
                 cmds.append(cmd)
-        if cmds and data.draw(st.booleans(), label="nest"):
+        nest: bool = data.draw(st.booleans(), label="nest")
+        if cmds and nest:
             cmds = [{"op": "batch", "cmds": cmds[:2]}, *cmds[2:]]
         cmd = {"op": "batch", "cmds": cmds}
         self.do(cmd, self.raft_term_for(data, cmd))
@@ -491,11 +493,12 @@ class PartyMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), kind=st.integers(0, 7))
     def garbage(self, data: st.DataObject, kind: int) -> None:
+        cmd: Any
         if kind == 0:
             self.do({"op": "frobnicate", "term": self.s.master["term"]}, expect={"ok": False})
         elif kind == 1:
-            junk = data.draw(st.sampled_from([None, 5, "submit", [], ("op", "assign"), 1.5, {}, {"op": 3},
-                                              {"op": None}, {"op": ["assign"]}]), label="junk")
+            junk: Any = data.draw(st.sampled_from([None, 5, "submit", [], ("op", "assign"), 1.5, {}, {"op": 3},
+                                                   {"op": None}, {"op": ["assign"]}]), label="junk")
             self.do(junk, expect={"ok": False})
         elif kind in (2, 3):  # bytes inside, or nesting too deep: refused whole
             cmd = self.b_order(data) or self.b_submit(data)
@@ -505,7 +508,7 @@ class PartyMachine(RuleBasedStateMachine):
                 cmd = {"op": "batch", "cmds": [self.b_lost(data), cmd]}
             self.do(cmd, expect={"ok": False, "bad_request": True})
         elif kind == 4:  # batches nested past MAX_DEPTH
-            cmd: Any = self.b_lost(data)
+            cmd = self.b_lost(data)
             for _ in range(MAX_DEPTH // 2 + 1):
                 cmd = {"op": "batch", "cmds": [cmd]}
             self.do(cmd, expect={"ok": False, "bad_request": True})
