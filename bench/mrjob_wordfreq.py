@@ -26,22 +26,10 @@ import mrjob
 
 from pdp.local import LocalParty
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wordcount import build_input  # noqa: E402  (the same input as the word count benchmark)
 JOB = Path(mrjob.__file__).resolve().parent / "examples" / "mr_word_freq_count.py"
 TARGET = 0.20
-
-
-def build_input(path: Path, mb: float) -> int:
-    corpus = b"".join(p.read_bytes() for p in sorted(CORPUS.glob("*.txt")))
-    if not corpus:
-        raise SystemExit(f"no corpus in {CORPUS}: the benchmarks need ../shared/corpus beside the repository")
-    target = int(mb * 1024 * 1024)
-    with open(path, "wb") as f:
-        written = 0
-        while written < target:
-            f.write(corpus)
-            written += len(corpus)
-    return written
 
 
 def timed(cmd: list[str], out: Path, env: dict[str, str], cwd: Path) -> float:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle  # only pickle.dumps of our own plain commands (what pysyncobj logs); nothing here loads a pickle
+import pickle  # dumps only, of our own plain commands (what pysyncobj logs); received bytes never reach pickle: the screen reads them
 import pickletools  # screen: genops reads the opcodes of received entries without running them
 import threading
 from collections.abc import Callable, Iterable
