@@ -465,3 +465,13 @@ def _records(path: str, start: int, end: int, reader: _Reader, line: int) -> Ite
         reader.fail(rec_line, too_long)
     elif pending:  # the last record, without a final newline
         yield from reader.region(b"".join(pending), rec_off, rec_line)
+
+
+def read_text(path: str) -> str:
+    """A whole file as strict UTF-8: the sequential oracles' reader (small inputs only)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not valid UTF-8 (byte {e.start})") from None

@@ -22,8 +22,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from pdp.errors import InputError
 from pdp.jobs.api import JobDefinitionError, MRJob
+from pdp.jobs.inputs import read_text
 
 
 class GrepProtocol:
@@ -83,12 +83,7 @@ def oracle(paths: list[str], pattern: str, ignore_case: bool = False, invert: bo
     out: list[str] = []
     for path in paths:
         name = str(path)
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{name} is not valid UTF-8 (byte {e.start})") from None
+        text = read_text(name)
         text = text.removeprefix("\ufeff")
         pieces = text.split("\n")
         last = pieces.pop()  # after the final "\n": "" unless the file lacks one

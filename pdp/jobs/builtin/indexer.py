@@ -21,9 +21,9 @@ from collections.abc import Iterable, Iterator
 from itertools import groupby
 from typing import Any
 
-from pdp.errors import InputError
 from pdp.jobs.api import JobDefinitionError, MRJob, TabProtocol
 from pdp.jobs.builtin.wordcount import _NonLettersToSpace
+from pdp.jobs.inputs import read_text
 
 _TABLE = _NonLettersToSpace()  # every non-letter becomes a space (filled lazily)
 
@@ -71,12 +71,7 @@ def oracle(paths: list[str]) -> bytes:
     docs: dict[str, set[str]] = {}
     for path in paths:
         name = str(path)
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{name} is not valid UTF-8 (byte {e.start})") from None
+        text = read_text(name)
         for is_letter, run in groupby(text, str.isalpha):  # maximal runs of letters and of the rest
             if is_letter:
                 docs.setdefault("".join(run), set()).add(name)
