@@ -8,7 +8,7 @@ Each run starts three node processes (this script with ``--node``) on 127.0.0.1,
 transport) and pdp's Raft settings (unbatched appends unless ``--batch``). The leader
 keeps ``--inflight`` commands of ``--size`` bytes in flight for ``--seconds`` and counts
 the commits. *plain*: pysyncobj's journal as it is (nothing fsynced). *durable*: the
-journal wrapped by :func:`pdp.durable.make_durable` and flushed (msync + fsync) before
+journal wrapped by :func:`pdp.raft.durable.make_durable` and flushed (msync + fsync) before
 every message a node sends, i.e. before every vote and every acknowledgement. Plain and
 durable runs alternate in the same process tree; the ratio durable/plain is the result.
 """
@@ -74,7 +74,7 @@ def make_node(i: int, ports: list[int], mode: str, root: Path, batch: bool) -> t
                    transportClass=FlushingTCPTransport)
     journal = None
     if mode == "durable":
-        from pdp.durable import install_durable_dumps, make_durable
+        from pdp.raft.durable import install_durable_dumps, make_durable
 
         install_durable_dumps()
         journal = make_durable(sync._SyncObj__raftLog, dump_file=conf.fullDumpFile)

@@ -20,9 +20,9 @@ from typing import Any
 
 import uvloop
 
-from pdp import tls
+from pdp.net import tls
 from pdp.identity import new_identity
-from pdp.transport import ANONYMOUS, Connection, Peer, Stream, accept, dial
+from pdp.net.transport import ANONYMOUS, Connection, Peer, Stream, accept, dial
 
 BLOCK = 1 << 20
 

@@ -78,7 +78,7 @@ def node(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="log warnings and errors only"),
 ) -> None:
     """Run a party member (the same process on every machine); `pdp party init` or `pdp join` first."""
-    from pdp.node import run_node
+    from pdp.node.root import run_node
 
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)

@@ -20,13 +20,13 @@ from typing import Any
 
 import msgpack
 
-from pdp.errors import InputError, PdpError, ProtocolError, RemoteError
+from pdp.errors import TRANSIENT, InputError, PdpError, ProtocolError, RemoteError
 from pdp.fsutil import atomic_writer
 from pdp.identity import Credential, sign
 from pdp.jobs.loader import prepare
-from pdp.tls import PinMismatch
-from pdp.streams import BLOCK
-from pdp.transport import Connection, ConnectionLost, dial
+from pdp.net.tls import PinMismatch
+from pdp.net.streams import BLOCK
+from pdp.net.transport import Connection, ConnectionLost, dial
 
 Progress = Callable[[dict[str, Any]], None]
 SIGNED_REQUESTS = frozenset({"invite", "withdraw", "uninvite"})
@@ -289,9 +289,7 @@ class RetryLater(PdpError):
 
 
 def _transient(exc: RemoteError) -> bool:
-    text = str(exc)
-    return any(s in text for s in ("could not commit", "no leader", "not the master", "connection lost",
-                                   "no answer within", "no member holding"))
+    return exc.code in TRANSIENT
 
 
 async def run_job(

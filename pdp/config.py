@@ -4,7 +4,7 @@ Flags override the file; ``validate`` names the rule a setting breaks; ``changed
 tells a reload which changes apply live and which need a restart. Also owns the per-user
 default locations (``pdp node`` with no ``--config`` reads :func:`default_config_file`).
 The owner's limits (memory, disk, nice, hours, ...) are parsed and applied by
-:mod:`pdp.limits`; identities live in :mod:`pdp.identity`.
+:mod:`pdp.node.limits`; identities live in :mod:`pdp.identity`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import platformdirs
 
 from pdp.errors import ConfigError
-from pdp.limits import MiB, format_size, parse_hours, parse_size
+from pdp.node.limits import MiB, format_size, parse_hours, parse_size
 
 DEFAULT_PORT = 7700
 MIN_MEMORY = 32 * MiB
@@ -54,7 +54,7 @@ class NodeConfig:
     dead_after: float = 2.5  # a member silent this long is lost: its tasks run elsewhere
     stall_after: float = 30.0  # a task without progress this long runs again elsewhere
     max_failures: int = 10  # a task that fails this often fails its job
-    # The owner's limits (pdp.limits): the machine's owner comes first.
+    # The owner's limits (pdp.node.limits): the machine's owner comes first.
     memory: int = 0  # per-task memory limit in bytes; 0 = no limit
     disk: int = 0  # most bytes the spool may use before the node pauses; 0 = no limit
     nice: int = 10  # niceness of the task processes, 0-19

@@ -17,7 +17,7 @@ Files:
   kind of the new identity and a one-time secret. The party stores only the secret's
   SHA-256 (:func:`token_hash`).
 
-Nothing here touches the network; :mod:`pdp.tls` turns identities into TLS contexts.
+Nothing here touches the network; :mod:`pdp.net.tls` turns identities into TLS contexts.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pdp.errors import ConfigError, PdpError
 from pdp.identity import (Credential, Identity, default_credential_path, load_node_identity, new_identity,
                           node_identity_path, parse_token, sign, write_private, Token)
 from pdp.partyfile import FILE, PartyFile, found
-from pdp.transport import ConnectionLost, dial
+from pdp.net.transport import ConnectionLost, dial
 
 _TEMPLATE = """\
 # pdp node settings: `pdp node --config THIS_FILE`; flags override them.

@@ -1,4 +1,4 @@
-"""Authority in the replicated state (pdp.state): who may complete or give up a task, what a
+"""Authority in the replicated state (pdp.core.state): who may complete or give up a task, what a
 submission may ask for, and the identity registry with its one-time invitations.
 
 Every refusal must leave the state exactly as it was (a deep copy compared with ==, only the
@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pdp.spool import check_id
-from pdp.state import (MAX_CHUNK, MAX_INPUT_SIZE, MAX_INPUTS, MAX_MAPS, MAX_TOKEN_TTL, State, cert_fingerprint,
+from pdp.node.spool import check_id
+from pdp.core.state import (MAX_CHUNK, MAX_INPUT_SIZE, MAX_INPUTS, MAX_MAPS, MAX_TOKEN_TTL, State, cert_fingerprint,
                        plain, valid_job_id)
 
 TERM = 4
@@ -630,7 +630,7 @@ def test_spool_directories_are_private(tmp_path: Any) -> None:
     import stat
 
     from pdp.errors import PdpError
-    from pdp.spool import FILE_MODE, Spool
+    from pdp.node.spool import FILE_MODE, Spool
 
     root = tmp_path / "spool"
     (root / "jobs").mkdir(parents=True, mode=0o755)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pdp import mapoutput
+from pdp.jobs import mapoutput
 from pdp.errors import InputError
 from pdp.jobs import engine, inputs, runtime
 from pdp.jobs.api import JobDefinitionError
@@ -23,7 +23,7 @@ from pdp.jobs.builtin import sort as sortjob
 from pdp.jobs.keys import encode_key
 from pdp.jobs.loader import load_job
 from pdp.jobs.local import run_job
-from pdp.split import aligned_bounds, plan_ranges
+from pdp.core.split import aligned_bounds, plan_ranges
 
 CORPUS = Path(os.environ.get("PDP_CORPUS", "/work/shared/corpus"))
 REPO = Path(__file__).resolve().parents[1]

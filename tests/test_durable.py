@@ -1,4 +1,4 @@
-"""pdp.durable on real pysyncobj journals, and pdp.fsutil's durable writes.
+"""pdp.raft.durable on real pysyncobj journals, and pdp.fsutil's durable writes.
 
 "On disk" is checked the only way a test can: the fsyncs are counted (``os.fsync`` patched,
 each call resolved to the file it flushed) and the bytes are read back fresh from the
@@ -23,7 +23,7 @@ from pysyncobj.pickle import loads
 from pysyncobj.transport import TCPTransport
 
 from pdp import fsutil
-from pdp.durable import DurableJournal, JournalProxy, durable_replace, install_durable_dumps, make_durable
+from pdp.raft.durable import DurableJournal, JournalProxy, durable_replace, install_durable_dumps, make_durable
 from pdp.local import free_ports
 
 

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdp import mapoutput
+from pdp.jobs import mapoutput
 from pdp.jobs import engine, runtime
 from pdp.jobs.local import run_job
 from pdp.jobs.loader import load_module
-from pdp.limits import MemoryLimitExceeded, MiB, run_limited
+from pdp.node.limits import MemoryLimitExceeded, MiB, run_limited
 
 JOBS = Path(__file__).parent / "engine_jobs"
 

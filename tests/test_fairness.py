@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pdp.scheduler import (QUARANTINE_BASE, QUARANTINE_STREAK, pick_backup, pick_task, pick_tasks, scores)
-from pdp.state import State
+from pdp.core.scheduler import (QUARANTINE_BASE, QUARANTINE_STREAK, pick_backup, pick_task, pick_tasks, scores)
+from pdp.core.state import State
 
 TERM = 3
 NODES = ("n1", "n2", "n3")

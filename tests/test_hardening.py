@@ -21,7 +21,7 @@ from pdp.client import Client
 from pdp.jobs.builtin.wordcount import oracle
 from pdp.errors import AuthError
 from pdp.local import LocalParty
-from pdp.transport import ConnectionLost, dial
+from pdp.net.transport import ConnectionLost, dial
 
 PREFIX = struct.Struct(">II")
 

@@ -1,6 +1,6 @@
 """Checksums on everything that moves between members: a flipped bit fails that copy.
 
-Unit tests drive pdp.mapoutput, pdp.fsutil's block sums and pdp.streams over an in-memory
+Unit tests drive pdp.jobs.mapoutput, pdp.fsutil's block sums and pdp.net.streams over an in-memory
 stream pair; the party test flips a bit in a map output on a member's disk mid-job and
 checks that the job's output is still the oracle's, byte for byte.
 """
@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from pdp import mapoutput
+from pdp.jobs import mapoutput
 from pdp.errors import PdpError, ProtocolError, RemoteError
 from pdp.fsutil import (SUM_BLOCK, BlockSums, Damaged, check_range, read_sums, sums_path, verified_blocks,
                         write_sums)
-from pdp.streams import BLOCK, data_header, recv_file, recv_parts, relay, send_file, send_parts
-from pdp.wire import Frame
+from pdp.net.streams import BLOCK, data_header, recv_file, recv_parts, relay, send_file, send_parts
+from pdp.net.wire import Frame
 
 
 def flip(path: Path, offset: int, bit: int = 0) -> None:
@@ -152,7 +152,7 @@ def test_parts_damaged_in_transit_or_on_disk_count_as_missing(tmp_path: Path,
         await sending
         return missing, dest.read_bytes()
 
-    with caplog.at_level(logging.WARNING, logger="pdp.streams"):
+    with caplog.at_level(logging.WARNING, logger="pdp.net.streams"):
         missing, got = asyncio.run(go())
     assert sorted(missing) == [1, 7]
     assert got == b"p1-0 " * 4000 + b"p1-2 " * 4000  # the damaged slice is left out

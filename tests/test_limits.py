@@ -20,10 +20,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdp import limits
+from pdp.node import limits
 from pdp.config import RESTART_ONLY, NodeConfig, changed_settings, load_config
 from pdp.errors import ConfigError, PdpError
-from pdp.limits import (MemoryLimitExceeded, MiB, Sampler, format_size, parse_hours, parse_size, pause_reason,
+from pdp.node.limits import (MemoryLimitExceeded, MiB, Sampler, format_size, parse_hours, parse_size, pause_reason,
                         run_limited)
 
 GiB = 1 << 30

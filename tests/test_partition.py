@@ -40,7 +40,7 @@ NODES = ["n1", "n2", "n3"]
 PORT = 7700
 SETTINGS = {"heartbeat": 0.5, "dead_after": 2.0, "stall_after": 20.0}
 LOSS = 0.03  # the share of packets each node drops on arrival from the LAN
-# pdp/master.py's warnings when a member is declared lost / a task's lease runs out
+# pdp/node/master.py's warnings when a member is declared lost / a task's lease runs out
 DECLARED_LOST = re.compile(r"member (\S+) lost \((.*?)\): its tasks run elsewhere")
 RUNS_AGAIN = re.compile(r"job \S+: (map|reduce) \d+ runs again \(((lost|stalled) on \S+|member \S+ lost)")
 

@@ -1,6 +1,6 @@
-"""Tests for pdp.raftnet: the msgpack codec, the log-entry screen and the Transport.
+"""Tests for pdp.raft.raftnet: the msgpack codec, the log-entry screen and the Transport.
 
-The cluster tests run real pysyncobj instances (through :class:`pdp.consensus.Consensus`) in
+The cluster tests run real pysyncobj instances (through :class:`pdp.raft.consensus.Consensus`) in
 one process, wired by :class:`Hub`, an in-memory bridge: ``post`` queues the bytes and one
 "network" thread hands them to the receiving transport's ``deliver``, as the asyncio side
 would. The attacks are delivered the same way, as an authenticated peer would send them.
@@ -24,12 +24,12 @@ import msgpack
 import pytest
 from pysyncobj.node import TCPNode
 
-from pdp import raftnet
-from pdp.consensus import CommandRefused, Consensus, ConsensusError, RaftTuning
+from pdp.raft import raftnet
+from pdp.raft.consensus import CommandRefused, Consensus, ConsensusError, RaftTuning
 from pdp.errors import ProtocolError
-from pdp.raftnet import (MAX_COMMAND_BYTES, MEMBERSHIP, NO_OP, REGULAR, VERSION, RaftTransport, decode_message,
+from pdp.raft.raftnet import (MAX_COMMAND_BYTES, MEMBERSHIP, NO_OP, REGULAR, VERSION, RaftTransport, decode_message,
                          encode_message, pack_command, plain_command, screen_command)
-from pdp.statecodec import state_to_plain
+from pdp.core.statecodec import state_to_plain
 
 # -- the in-memory bridge -----------------------------------------------------------------
 
@@ -115,7 +115,7 @@ class Hub:
 
 
 class Endpoint:
-    """One member's bridge (implements pdp.raftnet.Bridge)."""
+    """One member's bridge (implements pdp.raft.raftnet.Bridge)."""
 
     def __init__(self, hub: Hub, node_id: str) -> None:
         self.hub, self.node_id = hub, node_id

@@ -1,4 +1,4 @@
-"""Tests for pdp.scheduler: which pending task a free slot gets (pure placement)."""
+"""Tests for pdp.core.scheduler: which pending task a free slot gets (pure placement)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pdp.scheduler import TaskKey, jobs_to_assemble, key, pick_task
-from pdp.state import State
+from pdp.core.scheduler import TaskKey, jobs_to_assemble, key, pick_task
+from pdp.core.state import State
 
 TERM = 2
 

@@ -20,7 +20,7 @@ from pdp.client import Client, run_job
 from pdp.errors import PdpError
 from pdp.jobs.builtin.wordcount import oracle
 from pdp.local import LocalParty
-from pdp.state import ACTIVE
+from pdp.core.state import ACTIVE
 
 KB = 1024
 

@@ -1,4 +1,4 @@
-"""Tests for pdp.split: fixed-size planning and Hadoop-style line alignment."""
+"""Tests for pdp.core.split: fixed-size planning and Hadoop-style line alignment."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdp import split
-from pdp.split import aligned_bounds, plan_ranges
+from pdp.core import split
+from pdp.core.split import aligned_bounds, plan_ranges
 
 
 def owned(data: bytes, chunk: int) -> list[tuple[int, int]]:

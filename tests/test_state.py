@@ -1,4 +1,4 @@
-"""Tests for pdp.state: the replicated state machine applied through the Raft log.
+"""Tests for pdp.core.state: the replicated state machine applied through the Raft log.
 
 Every test drives ``State.apply`` only with plain commands, the way the log does, and
 asserts exact results. A refused command must leave the state exactly as it was (compared
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdp.split import plan_ranges
-from pdp.state import ACTIVE, MAX_ERROR, Record, State
+from pdp.core.split import plan_ranges
+from pdp.core.state import ACTIVE, MAX_ERROR, Record, State
 
 TERM = 3  # the current master's term in most tests
 

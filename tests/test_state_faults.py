@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdp.state import State
+from pdp.core.state import State
 
 T = 3  # the master's term in these tests
 

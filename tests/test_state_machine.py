@@ -1,7 +1,7 @@
-"""Stateful (hypothesis) test of pdp.state: random runs of a party's commands.
+"""Stateful (hypothesis) test of pdp.core.state: random runs of a party's commands.
 
 A :class:`hypothesis.stateful.RuleBasedStateMachine` plays a master and its members (and
-some hostile peers) against one :class:`pdp.state.State`: members register and leave,
+some hostile peers) against one :class:`pdp.core.state.State`: members register and leave,
 masters claim terms (sometimes stale ones), users submit multi-step jobs, the master
 assigns, completes, releases, redoes, cancels, fails and finishes them (alone or in
 batches, stamped with the right Raft term or a wrong one), and garbage arrives too.
@@ -11,7 +11,7 @@ counted, a refused command changed nothing, first completion wins, terms and cou
 not go back) and the state (tasks, steps and phases of every active job agree). The whole
 command log is replayed on a fresh State at teardown: the same dump must come out.
 
-The bugs this machine found in pdp.state (a refused backup counted, a refused leave that
+The bugs this machine found in pdp.core.state (a refused backup counted, a refused leave that
 removed its member, a job failed between steps without a finish time, a job's counters
 raising on bad stats) are fixed; the tests at the end pin them. One is not: a cancelled
 job does not survive a pickle round trip (a strict xfail test).
@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, precondition, rule
 
-from pdp.state import ACTIVE, MAX_DEPTH, MAX_HOLDERS, ORDERS, State, plain
-from pdp.statecodec import state_from_plain, state_to_plain
+from pdp.core.state import ACTIVE, MAX_DEPTH, MAX_HOLDERS, ORDERS, State, plain
+from pdp.core.statecodec import state_from_plain, state_to_plain
 
 NODES = ("n1", "n2", "n3")  # core members (voters), registered at the start
 SPARE = "n4"  # a voter that registers later (or never)
@@ -49,7 +49,7 @@ RERUN_OPS = {"lost", "redo", "leave", "batch"}  # the commands that may send a d
 # Known, not fixed (a strict xfail test at the end; the machine skips what it changes):
 # - ``cancel`` leaves a running task with no runs, which ``Task.__setstate__`` takes for a
 #   dump older than ``runs`` and fills in: a pickle round trip changes such a state (State
-#   snapshots travel as msgpack, pdp.statecodec, where the round trip is exact): the pickle
+#   snapshots travel as msgpack, pdp.core.statecodec, where the round trip is exact): the pickle
 #   check at teardown skips those states.
 
 
@@ -685,7 +685,7 @@ PartyMachine.TestCase.settings = settings(
 TestPartyMachine = PartyMachine.TestCase
 
 
-# -- known bugs of pdp.state (minimal reproductions) -------------------------------------------------
+# -- known bugs of pdp.core.state (minimal reproductions) -------------------------------------------------
 
 
 def _job_with_a_running_reduce_while_mapping() -> State:

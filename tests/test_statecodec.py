@@ -1,4 +1,4 @@
-"""Tests for pdp.statecodec: State <-> plain msgpack values, and pickle-free dump files.
+"""Tests for pdp.core.statecodec: State <-> plain msgpack values, and pickle-free dump files.
 
 States are built by applying real commands (the helpers and the random command generator of
 tests/test_state.py); a restored state must equal the original exactly and go on applying
@@ -21,9 +21,9 @@ from pysyncobj.node import TCPNode
 from test_state import Gen, assign_cmd, fresh, job_in, member_cmd, ok, run_sequence, snap, submit_cmd
 
 from pdp.errors import ProtocolError
-from pdp.raftnet import NO_OP, pack_command
-from pdp.state import State
-from pdp.statecodec import (MAGIC, StateDump, is_pdp_dump, read_dump, state_from_plain, state_to_plain,
+from pdp.raft.raftnet import NO_OP, pack_command
+from pdp.core.state import State
+from pdp.core.statecodec import (MAGIC, StateDump, is_pdp_dump, read_dump, state_from_plain, state_to_plain,
                             write_dump)
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pdp import transport, wire
-from pdp.transport import Connection, Peer, Stream
+from pdp.net import transport, wire
+from pdp.net.transport import Connection, Peer, Stream
 
 
 async def _pair(handlers: dict[str, Any]) -> tuple[Connection, asyncio.AbstractServer]:
@@ -50,3 +50,34 @@ def test_a_stream_that_is_not_read_is_cut_off_and_others_go_on(monkeypatch: pyte
 
     n, alive = asyncio.run(scenario())
     assert n == 7 and alive
+
+
+def test_errors_cross_the_wire_as_stable_codes() -> None:
+    """A handler's error reaches the caller as RemoteError with the error's code; callers
+    decide by code (pdp.errors.TRANSIENT), not by the message text, which may be reworded."""
+    from pdp.raft.consensus import ConsensusError
+    from pdp.errors import TRANSIENT, InputError, NotMaster, RemoteError
+
+    raised: dict[str, Exception] = {"master": NotMaster("n1 is not the master (reworded at will)"),
+                                    "commit": ConsensusError("leader changed"), "input": InputError("bad path"),
+                                    "bug": ZeroDivisionError("boom")}
+
+    async def fail(stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        raise raised[hdr["which"]]
+
+    async def scenario() -> dict[str, tuple[str, str]]:
+        client, server = await _pair({"fail": fail})
+        codes = {}
+        for which in raised:
+            with pytest.raises(RemoteError) as info:
+                await client.request({"t": "fail", "which": which}, timeout=5.0)
+            codes[which] = (info.value.code, str(info.value))
+        client.close()
+        server.close()
+        return codes
+
+    codes = asyncio.run(scenario())
+    assert {k: v[0] for k, v in codes.items()} == {"master": "not_master", "commit": "no_commit", "input": "input",
+                                                   "bug": "internal"}
+    assert "bad path" in codes["input"][1] and "boom" in codes["bug"][1]
+    assert {"not_master", "no_commit"} <= TRANSIENT and "input" not in TRANSIENT and "internal" not in TRANSIENT

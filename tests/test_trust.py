@@ -20,12 +20,12 @@ from typing import Any
 import msgpack
 import pytest
 
-from pdp import authz
+from pdp.core import authz
 from pdp.client import Client
 from pdp.errors import AuthError, RemoteError
 from pdp.identity import Credential, Identity, load_node_identity, new_credential, parse_token
 from pdp.local import LocalParty
-from pdp.transport import dial
+from pdp.net.transport import dial
 
 MARK = Path("/tmp/pdp-trust-test-pwned")
 
@@ -211,10 +211,10 @@ def test_tokens_work_once_and_can_be_withdrawn(party: LocalParty, tmp_path: Path
 
 
 def test_the_old_shared_secret_ways_are_gone() -> None:
-    from pdp import wire
+    from pdp.net import wire
 
     assert not hasattr(wire, "DialerHandshake") and not hasattr(wire, "derive")
-    import pdp.consensus as consensus
+    import pdp.raft.consensus as consensus
 
     assert "password" not in consensus.Consensus.__init__.__code__.co_varnames
 

@@ -1,4 +1,4 @@
-"""Tests for pdp.wire: framing and strict header decoding (sans-IO, fast). The handshake is TLS: tests/test_trust.py."""
+"""Tests for pdp.net.wire: framing and strict header decoding (sans-IO, fast). The handshake is TLS: tests/test_trust.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdp.errors import ProtocolError
-from pdp.wire import MAX_HEADER, MAX_PAYLOAD, Frame, FrameDecoder, decode_header, encode_frame
+from pdp.net.wire import MAX_HEADER, MAX_PAYLOAD, Frame, FrameDecoder, decode_header, encode_frame
 
 
 def wire_bytes(header: dict, payload: bytes = b"") -> bytes:

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 
 import zlib
 
-from pdp import mapoutput
+from pdp.jobs import mapoutput
 from pdp.jobs import engine, runtime
 from pdp.errors import InputError, PdpError
 from pdp.jobs.builtin import wordcount as wc
-from pdp.split import aligned_bounds, plan_ranges
+from pdp.core.split import aligned_bounds, plan_ranges
 
 CORPUS = Path(os.environ.get("PDP_CORPUS", "/work/shared/corpus"))
 

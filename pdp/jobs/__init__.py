@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from pdp.jobs import runtime
-from pdp.progress import report
+from pdp.jobs.progress import report
 
 
 def run_whole(spec: dict[str, Any], path: str, start: int, end: int, part: str, result: str,

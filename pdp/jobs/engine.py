@@ -13,7 +13,7 @@ A **run** is a sorted sequence of records on disk::
 The final step's reduce outputs carry a third field, the output line its job's output
 protocol wrote (``[kb, vb, line]``), so that merging them into the result runs no job code.
 
-A map output file (:mod:`pdp.mapoutput`) holds one run per reduce partition; a reducer
+A map output file (:mod:`pdp.jobs.mapoutput`) holds one run per reduce partition; a reducer
 fetches its partition from every map (the fetched slices are concatenated runs, each
 still self-delimiting) and merges them.
 
@@ -38,7 +38,7 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from pdp import mapoutput
+from pdp.jobs import mapoutput
 from pdp.jobs.keys import STR_TAG, decode_key, encode_key
 
 Record = tuple[bytes, bytes]

@@ -9,7 +9,7 @@ A job's input has one of :data:`DATA_TYPES`:
   dict of the header's names to its fields. A quoted field may hold newlines, so a
   record may span lines.
 
-Cutting (:class:`Splitter`) uses Hadoop's rule of :mod:`pdp.split` with records in
+Cutting (:class:`Splitter`) uses Hadoop's rule of :mod:`pdp.core.split` with records in
 place of lines: the map task for chunk ``k`` starts at the first record start at or
 after ``k * chunk``. A record starts right after a ``b"\\n"`` that ends one: for text
 and jsonl after every ``b"\\n"``; for csv after a ``b"\\n"`` preceded (since the file

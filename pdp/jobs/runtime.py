@@ -31,7 +31,7 @@ from pdp.jobs.api import JobDefinitionError, MRJob, Reporter
 from pdp.jobs.api import _identity_mapper as identity_mapper
 from pdp.jobs.api import _identity_reducer as identity_reducer
 from pdp.jobs.loader import load_job
-from pdp.progress import report
+from pdp.jobs.progress import report
 
 MiB = 1 << 20
 MAX_COUNTERS = 64  # groups, and names per group, a task may report
@@ -54,7 +54,7 @@ def user_code(what: str) -> Iterator[None]:
     except (InputError, MemoryError, KeyboardInterrupt, BrokenPipeError):
         raise
     except Exception as exc:
-        from pdp.progress import TaskAborted
+        from pdp.jobs.progress import TaskAborted
 
         if isinstance(exc, TaskAborted):
             raise
@@ -264,7 +264,7 @@ def _count_records(counts: dict[bytes, int], n: int, partition: Any) -> list[lis
 
 
 def engine_write(parts: list[list[engine.Record]], out: str, n: int) -> int:
-    from pdp import mapoutput
+    from pdp.jobs import mapoutput
 
     return mapoutput.write_runs(out, n, parts, engine.write_run)
 

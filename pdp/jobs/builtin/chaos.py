@@ -10,7 +10,7 @@ node's environment, ``PDP_CHAOS`` (comma-separated ``key=value``):
   while (a long but healthy task: its lease must hold);
 - ``alloc=MB``: every map call first allocates MB MiB and touches every page, holding it
   while it works (a memory-hungry task: a node whose ``memory`` limit is lower must fail
-  it cleanly, with :class:`pdp.limits.MemoryLimitExceeded`, so it runs elsewhere).
+  it cleanly, with :class:`pdp.node.limits.MemoryLimitExceeded`, so it runs elsewhere).
 
 MIT 6.824's crash test is ``crash=0.33,stall=0.33,stall_max=10``. Outputs are those of
 word count whatever happens, so the sequential oracle still judges the result.
@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from pdp.jobs.builtin.wordcount import WordCount
-from pdp.progress import report
+from pdp.jobs.progress import report
 
 
 def _settings() -> dict[str, float]:

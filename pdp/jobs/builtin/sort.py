@@ -51,7 +51,7 @@ from pdp.errors import InputError
 from pdp.jobs import inputs
 from pdp.jobs.api import JobDefinitionError, MRJob
 from pdp.jobs.keys import encode_key
-from pdp.split import aligned_bounds
+from pdp.core.split import aligned_bounds
 
 _MAX_SHOWN = 80  # characters of a bad value an error message shows
 
@@ -219,7 +219,7 @@ def sample_keys(path: str, size: int, data_type: str, args: list[str], header: l
                 k: int = 1000) -> list[Any]:
     """The sort keys of about ``k`` records of one input, read at evenly spaced places.
 
-    Each place is moved to the next line start (:func:`pdp.split.aligned_bounds`) and the
+    Each place is moved to the next line start (:func:`pdp.core.split.aligned_bounds`) and the
     one line there is read as a record (``data_type``; a csv needs its ``header``, read from
     the file when None). A csv record spanning lines may be sampled from its middle: such
     samples are skipped when they do not parse, and only the balance of the partition

@@ -29,7 +29,7 @@ from typing import Any
 
 from pdp.errors import InputError
 from pdp.jobs.api import MRJob, TabProtocol
-from pdp.progress import report
+from pdp.jobs.progress import report
 
 _LETTERS = frozenset(string.ascii_letters.encode())
 # Keep ASCII letters and every byte >= 0x80; every other ASCII byte becomes a space.
@@ -124,7 +124,7 @@ def count_file_range(
 
     Pieces end just after an ASCII non-letter byte, so no word and no UTF-8
     sequence is split. InvalidUtf8.offset is absolute in the file. With ``progress``, the
-    bytes counted so far are recorded there after every piece (see :mod:`pdp.progress`).
+    bytes counted so far are recorded there after every piece (see :mod:`pdp.jobs.progress`).
     """
     if piece < 1:
         raise ValueError(f"piece must be >= 1, got {piece}")

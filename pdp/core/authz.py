@@ -1,6 +1,6 @@
 """Who may make which request: every request type names the kind of peer it serves.
 
-The peer is who its certificate proves it is (:class:`pdp.transport.Peer`), looked up in
+The peer is who its certificate proves it is (:class:`pdp.net.transport.Peer`), looked up in
 the replicated list of identities; nothing a peer writes in a header changes it.
 
 * ``anonymous``: no certificate; may only redeem a join token.
@@ -15,7 +15,7 @@ A request type missing from :data:`REQUIRED` is refused: new handlers must say w
 
 from __future__ import annotations
 
-from pdp.transport import Forbidden, Peer
+from pdp.net.transport import Forbidden, Peer
 
 REQUIRED: dict[str, str] = {
     # anyone holding a join token (no identity yet)

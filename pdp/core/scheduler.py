@@ -1,6 +1,6 @@
 """The master's placement policy: which pending tasks a free worker slot gets next.
 
-Pure: reads a :class:`~pdp.state.State` (plus times and progress passed in), returns a
+Pure: reads a :class:`~pdp.core.state.State` (plus times and progress passed in), returns a
 decision. The policy, in order:
 
 1. **Priority, then fair share by submitter.** Among jobs with work for the asking member,
@@ -26,7 +26,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from pdp.state import Job, Record, State, Task
+from pdp.core.state import Job, Record, State, Task
 
 TaskKey = tuple[str, str, int]  # (job id, phase, index)
 AttemptKey = tuple[str, str, int, int]  # (job id, phase, index, attempt)

@@ -20,7 +20,7 @@ message is cheap. Log compaction (``deleteEntriesTo``) and snapshot installs (``
 first fsync the dump file they rely on; :func:`install_durable_dumps` also makes
 pysyncobj's dump writes themselves durable (fsync, rename, fsync the directory).
 
-Plugging it in (``pdp/consensus.py``, ``Consensus.__init__``): hand the transport a hook
+Plugging it in (``pdp/raft/consensus.py``, ``Consensus.__init__``): hand the transport a hook
 that flushes the journal, and wrap the journal right after the ``SyncObj`` is built, under
 the ``_DivergenceWatch``::
 

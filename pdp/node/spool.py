@@ -4,7 +4,7 @@ Layout under ``<data-dir>/spool``::
 
     inputs/<job>-<k>            input k of a job, as uploaded by the submitter
     jobs/<job>/chunk-<m>        map m's line-aligned bytes fetched from a holder
-    jobs/<job>/map-<m>          map m's output: every reduce partition (pdp.mapoutput)
+    jobs/<job>/map-<m>          map m's output: every reduce partition (pdp.jobs.mapoutput)
     jobs/<job>/in-<r>-<k>       a reducer's k-th batch of partition r fetched from other members
     jobs/<job>/reduce-<r>       reduce r's output (sorted lines)
     jobs/<job>/part-<r>         the master's fetched copy of reduce-<r>

@@ -52,7 +52,7 @@ from pysyncobj.transport import Transport
 
 from pdp.errors import ProtocolError
 
-log = logging.getLogger("pdp.raftnet")
+log = logging.getLogger("pdp.raft.raftnet")
 
 MAX_COMMAND_BYTES = 1 << 20  # one log entry's command (type byte + pickle)
 APPEND_BATCH_BYTES = 2 << 20  # appendEntriesBatchSizeBytes: > MAX_COMMAND_BYTES, so no 'transmission'

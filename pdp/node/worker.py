@@ -9,7 +9,7 @@ another attempt finished). Workers refuse an assignment from a term older than o
 have already obeyed.
 
 The owner comes first: a paused node (outside its hours, owner busy, on battery, spool
-full: :mod:`pdp.limits`) asks for no work, and with ``on_pause = "hand_back"`` gives its
+full: :mod:`pdp.node.limits`) asks for no work, and with ``on_pause = "hand_back"`` gives its
 running tasks back at once.
 """
 
@@ -25,23 +25,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pdp import mapoutput
-from pdp import progress as task_progress
+from pdp.jobs import mapoutput
+from pdp.jobs import progress as task_progress
 from pdp.errors import InputError, PdpError
 from pdp.fsutil import Damaged, check_range, crc32_file, sha256_file
 from pdp.jobs import run_maps, run_whole, runtime
-from pdp.limits import Sampler, pause_reason
-from pdp.progress import TaskAborted
-from pdp.progress import read as read_progress
-from pdp.progress import report as report_progress
-from pdp.split import aligned_bounds
-from pdp.streams import recv_file
-from pdp.transport import ConnectionLost, Handler
+from pdp.node.limits import Sampler, pause_reason
+from pdp.jobs.progress import TaskAborted
+from pdp.jobs.progress import read as read_progress
+from pdp.jobs.progress import report as report_progress
+from pdp.core.split import aligned_bounds
+from pdp.net.streams import recv_file
+from pdp.net.transport import ConnectionLost, Handler
 
 if TYPE_CHECKING:
-    from pdp.node import Node
+    from pdp.node.services import WorkerServices
 
-log = logging.getLogger("pdp.worker")
+log = logging.getLogger("pdp.node.worker")
 
 FETCH_PARALLEL = 8
 FETCH_BATCH = 256  # map outputs fetched from one holder in one request
@@ -64,7 +64,7 @@ AttemptKey = tuple[str, str, int, int]
 
 
 class Worker:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: WorkerServices) -> None:
         self.node = node
         self.running: dict[AttemptKey, dict[str, Any]] = {}  # what this member runs (listed in heartbeats)
         self.highest_term = 0

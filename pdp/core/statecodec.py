@@ -1,6 +1,6 @@
 """The replicated State as plain msgpack values, and pysyncobj dump files without pickle.
 
-:func:`state_to_plain` / :func:`state_from_plain` turn a :class:`pdp.state.State` into dicts,
+:func:`state_to_plain` / :func:`state_from_plain` turn a :class:`pdp.core.state.State` into dicts,
 lists and scalars and back, exactly (``Task.runs``, whose keys are ints, travels as a list of
 ``[attempt, node]`` pairs). :func:`state_from_plain` checks every field's type against the
 dataclasses' annotations and raises ProtocolError on anything else: a dump file may have
@@ -18,7 +18,7 @@ the serializer writes the replica's State itself. The file::
 The leader sends this file as the 'serialized' chunks of a snapshot transmission; the
 follower's pysyncobj writes the chunks to its own dump file and calls the deserializer,
 which checks the hash and every field, screens both entries' commands
-(:func:`pdp.raftnet.screen_command`), restores the State into the replica and returns the
+(:func:`pdp.raft.raftnet.screen_command`), restores the State into the replica and returns the
 tuple pysyncobj expects. No pickle anywhere. pysyncobj uses its in-memory gzip+pickle path
 when ``fullDumpFile`` is None, so every member (read-only followers too) needs a dump file.
 """
@@ -39,10 +39,10 @@ import msgpack
 from pysyncobj.node import TCPNode
 
 from pdp.errors import ProtocolError
-from pdp.raftnet import check_node_id, check_plain, screen_command
-from pdp.state import Job, Member, Record, State, Task
+from pdp.raft.raftnet import check_node_id, check_plain, screen_command
+from pdp.core.state import Job, Member, Record, State, Task
 
-log = logging.getLogger("pdp.statecodec")
+log = logging.getLogger("pdp.core.statecodec")
 
 MAGIC = b"PDPSNAP\x01"
 FORMAT = 1

@@ -22,9 +22,9 @@ from typing import Any, BinaryIO
 
 from pdp.errors import PdpError, ProtocolError
 from pdp.fsutil import BlockSums, Damaged, atomic_writer, load_sums, sums_path, verified_blocks, write_sums
-from pdp.transport import Stream
+from pdp.net.transport import Stream
 
-log = logging.getLogger("pdp.streams")
+log = logging.getLogger("pdp.net.streams")
 
 BLOCK = 1024 * 1024
 

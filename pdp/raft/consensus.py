@@ -1,13 +1,13 @@
-"""The only pysyncobj importer: the replicated :class:`~pdp.state.State` behind a Raft group.
+"""The only pysyncobj importer: the replicated :class:`~pdp.core.state.State` behind a Raft group.
 
 pysyncobj runs its own tick thread (transport, elections, applying entries, callbacks). This
 module bridges it to asyncio: :meth:`Consensus.propose` returns an awaitable bounded by a
 timeout, readers take :meth:`Consensus.reading` (a lock shared with the apply path), and
 every applied entry or role change wakes the event loop through ``on_change``.
 
-Raft messages travel over pdp's own authenticated connections (a :class:`~pdp.raftnet.Bridge`
-run by the asyncio side) as msgpack, through :mod:`pdp.raftnet`'s Transport, which screens
-every received log entry; dump files and snapshots are msgpack (:mod:`pdp.statecodec`).
+Raft messages travel over pdp's own authenticated connections (a :class:`~pdp.raft.raftnet.Bridge`
+run by the asyncio side) as msgpack, through :mod:`pdp.raft.raftnet`'s Transport, which screens
+every received log entry; dump files and snapshots are msgpack (:mod:`pdp.core.statecodec`).
 Nothing from the network reaches pickle unscreened. A voter's Raft id is its data address
 "host:port": one port for everything.
 
@@ -32,14 +32,14 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
-from pdp import raftnet
-from pdp.durable import DurableJournal, JournalProxy, install_durable_dumps, make_durable
+from pdp.raft import raftnet
+from pdp.raft.durable import DurableJournal, JournalProxy, install_durable_dumps, make_durable
 from pdp.errors import ConfigError, PdpError, ProtocolError
-from pdp.raftnet import Bridge
-from pdp.state import State
-from pdp.statecodec import StateDump, is_pdp_dump
+from pdp.raft.raftnet import Bridge
+from pdp.core.state import State
+from pdp.core.statecodec import StateDump, is_pdp_dump
 
-log = logging.getLogger("pdp.consensus")
+log = logging.getLogger("pdp.raft.consensus")
 
 _FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if not k.startswith("_")}
 TRUNCATION_MARK = "truncating already-applied log entries"
@@ -49,6 +49,8 @@ MAX_BATCH = 200  # commands in one group-committed Raft entry
 class ConsensusError(PdpError):
     """A command's outcome is not known to be applied (no leader, leader changed, timeout)."""
 
+    code = "no_commit"
+
     def __init__(self, reason: str) -> None:
         super().__init__(f"the party could not commit the change ({reason}); is a majority of core members up?")
         self.reason = reason
@@ -56,6 +58,8 @@ class ConsensusError(PdpError):
 
 class CommandRefused(PdpError):
     """A command cannot go through Raft at all (a bug in the caller: retrying cannot help)."""
+
+    code = "refused"
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"this command cannot go through Raft ({reason}); a command holds only dicts with str "
@@ -194,7 +198,7 @@ class Consensus:
 
     ``self_addr`` is this voter's data address "host:port" (its Raft id), None for a
     read-only follower (a worker); ``peers`` are the voters' addresses; ``bridge`` carries
-    the Raft messages (see :class:`pdp.raftnet.Bridge`). ``before_send`` runs on the tick
+    the Raft messages (see :class:`pdp.raft.raftnet.Bridge`). ``before_send`` runs on the tick
     thread before any Raft message leaves; ``on_refused(node_id, reason)`` for every
     message dropped by the screen.
     """

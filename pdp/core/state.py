@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdp.split import plan_ranges
+from pdp.core.split import plan_ranges
 
 Cmd = dict[str, Any]
 Result = dict[str, Any]

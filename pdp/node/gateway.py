@@ -17,23 +17,23 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from pdp.consensus import ConsensusError
-from pdp.errors import AuthError, InputError, PdpError, ProtocolError, RemoteError
+from pdp.raft.consensus import ConsensusError
+from pdp.errors import AuthError, InputError, NotMaster, PdpError, ProtocolError, RemoteError, Unavailable
 from pdp.identity import Token, new_secret, pem_fingerprint, token_hash
 from pdp.fsutil import BlockSums, Damaged, atomic_writer, check_sha256, write_sums
 from pdp.jobs.bundle import MAX_BUNDLE
 from pdp.jobs.inputs import Splitter, data_type_of
 from pdp.jobs.loader import builtin
-from pdp.scheduler import scores
-from pdp.spool import check_id
-from pdp.state import ACTIVE, Job
-from pdp.streams import check_data, data_header, relay, send_file
-from pdp.transport import Forbidden, Handler, Stream
+from pdp.core.scheduler import scores
+from pdp.node.spool import check_id
+from pdp.core.state import ACTIVE, Job
+from pdp.net.streams import check_data, data_header, relay, send_file
+from pdp.net.transport import Forbidden, Handler, Stream
 
 if TYPE_CHECKING:
-    from pdp.node import Node
+    from pdp.node.services import GatewayServices
 
-log = logging.getLogger("pdp.gateway")
+log = logging.getLogger("pdp.node.gateway")
 
 MAX_INPUTS = 1000
 MAX_REDUCES = 64
@@ -45,7 +45,7 @@ LAG_GRACE = 5.0  # how long a member waits for its copy of the log to show a job
 
 
 class Gateway:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: GatewayServices) -> None:
         self.node = node
 
     def handlers(self) -> dict[str, Handler]:
@@ -144,7 +144,7 @@ class Gateway:
     def _chunk(self, hdr: dict[str, Any], sizes: list[int]) -> int:
         """The map chunk size: the node's (or the submitter's), grown so that a job never has
         more than MAX_MAPS maps."""
-        from pdp.state import MAX_CHUNK, MAX_MAPS  # the state refuses a job past these caps
+        from pdp.core.state import MAX_CHUNK, MAX_MAPS  # the state refuses a job past these caps
 
         chunk = max(4096, int(hdr.get("chunk_size") or self.node.config.chunk_mb * 1024 * 1024))
         return min(MAX_CHUNK, max(chunk, -(-sum(sizes) // (MAX_MAPS - len(sizes)))))
@@ -252,7 +252,7 @@ class Gateway:
         assert self.node.consensus is not None
         with self.node.consensus.reading() as state:
             slots = sum(m.cpus for m in state.members.values()) or 1
-        from pdp.state import MAX_CHUNK, MAX_MAPS  # the state refuses a job past these caps
+        from pdp.core.state import MAX_CHUNK, MAX_MAPS  # the state refuses a job past these caps
 
         total = sum(int(i["size"]) for i in stored)
         chunk = max(4096, int(hdr.get("chunk_size") or cfg.chunk_mb * 1024 * 1024))
@@ -338,7 +338,7 @@ class Gateway:
                 errors.append(f"{holder}: {exc}")  # nothing relayed yet unless the holder died mid-way
             finally:
                 source.close()
-        raise PdpError(f"no member holding the result of {job_id} answered ({'; '.join(errors)}); try again later")
+        raise Unavailable(f"no member holding the result of {job_id} answered ({'; '.join(errors)}); try again later")
 
     async def _cancel(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """Stop a job: its tasks are not handed out again, running ones stop, members drop its files.
@@ -476,7 +476,7 @@ class Gateway:
             try:
                 frame = await self.node.peers.request(master[1], request, timeout=patience)
             except RemoteError as exc:
-                if "is not the master" not in str(exc):
+                if exc.code != NotMaster.code:
                     raise
                 await asyncio.sleep(0.2)
                 continue

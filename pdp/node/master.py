@@ -20,45 +20,43 @@ import asyncio
 import functools
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pdp.consensus import ConsensusError
-from pdp.errors import PdpError
+from pdp.raft.consensus import ConsensusError
+from pdp.errors import NotMaster, PdpError
 from pdp.fsutil import Damaged, crc32_file, sha256_file
 from pdp.jobs import runtime
-from pdp.scheduler import BUNDLE_MAX, AttemptKey, TaskKey, jobs_to_assemble, pick_backup, pick_tasks
-from pdp.state import ACTIVE, Job, Task
-from pdp.transport import Handler, Stream, raft_addr_of, split_addr
+from pdp.core.leases import Leases, Running
+from pdp.core.scheduler import BUNDLE_MAX, TaskKey, jobs_to_assemble, pick_backup, pick_tasks
+from pdp.core.state import ACTIVE, Job, Task
+from pdp.net.transport import Handler, Stream, raft_addr_of, split_addr
 
 if TYPE_CHECKING:
-    from pdp.node import Node
+    from pdp.node.services import MasterServices
 
-log = logging.getLogger("pdp.master")
+log = logging.getLogger("pdp.node.master")
 
 POLL = 2.0  # longest a worker's task request waits for work
 REAP_GAP = 0.02  # the reaper and assembly sweep every task: not after every single log entry
 
 
-class NotMaster(PdpError):
-    pass
-
-
 class Master:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: MasterServices) -> None:
         self.node = node
         self.term = 0  # the term this node is master in, 0 if not master
         self.reserved: set[TaskKey] = set()
         self.assembling: set[str] = set()
-        self.live: dict[str, dict[str, Any]] = {}
-        self.since = 0.0  # monotonic time this node became master
-        self.watch: dict[AttemptKey, list[float]] = {}  # attempt -> [progress, moved_at, seen_at]
-        self.started: dict[AttemptKey, float] = {}  # attempt -> when it started (or this master first saw it)
-        self.declared_dead: set[str] = set()
         self.probed: dict[str, float] = {}
         self.core_lock = asyncio.Lock()  # pysyncobj needs membership changes one at a time
         cfg = node.config
         self.dead_after, self.stall_after, self.max_failures = cfg.dead_after, cfg.stall_after, cfg.max_failures
+        self.leases = self._new_leases(0)
+
+    def _new_leases(self, term: int) -> Leases:
+        cfg = self.node.config
+        return Leases(cfg.heartbeat, cfg.dead_after, cfg.stall_after, time.monotonic(), term)
 
     def handlers(self) -> dict[str, Handler]:
         return {"get_task": self._get_task, "task_done": self._task_done, "tasks_done": self._tasks_done,
@@ -88,8 +86,7 @@ class Master:
                 if self.term != c.term():
                     self.term = c.term()
                     self.reserved.clear()
-                    self.since, self.live, self.watch, self.started = time.monotonic(), {}, {}, {}
-                    self.declared_dead.clear()
+                    self.leases = self._new_leases(self.term)
                     log.info("%s is master in term %d", self.node.name, self.term)
                 await self._record_genesis()
                 self._start_assembly()
@@ -159,7 +156,7 @@ class Master:
             with c.reading() as state:
                 picked = pick_tasks(state, worker, self.reserved, time.time(), limit)
                 if not picked and self.node.config.backup_tasks:
-                    straggler = pick_backup(state, worker, time.time(), self._running_info())
+                    straggler = pick_backup(state, worker, time.time(), self.leases.running_info(time.monotonic()))
                     picked, backup = ([straggler], True) if straggler else ([], False)
                 if not picked:
                     return []
@@ -167,7 +164,7 @@ class Master:
             now = time.monotonic()
             for spec in specs:  # a whole small job's result copy goes to a live member first
                 if "copy_to" in spec:
-                    spec["copy_to"].sort(key=lambda m: self.health(m[0], now)[0] != "alive")
+                    spec["copy_to"].sort(key=lambda m: self.leases.health(m[0], now)[0] != "alive")
             keys = {(job.id, task.phase, task.index) for job, task in picked}
             self.reserved |= keys
             try:
@@ -182,7 +179,7 @@ class Master:
             assigned = []
             for spec, res in zip(specs, results):
                 if res.get("ok"):
-                    self.started[(spec["job"], spec["phase"], spec["index"], res["attempt"])] = time.monotonic()
+                    self.leases.assigned((spec["job"], spec["phase"], spec["index"], res["attempt"]), time.monotonic())
                     assigned.append({**spec, "attempt": res["attempt"], "term": term})
             if assigned:
                 first = assigned[0]
@@ -190,14 +187,6 @@ class Master:
                          ",".join(str(a["index"]) for a in assigned), worker, first["attempt"],
                          " as a backup of a straggler" if backup else "")
                 return assigned
-
-    def _running_info(self) -> dict[AttemptKey, tuple[float, int]]:
-        """(seconds running, progress) of every running attempt this master has seen."""
-        now, info = time.monotonic(), {}
-        for key, started in self.started.items():
-            entry = self.watch.get(key)
-            info[key] = (now - started, int(entry[0]) if entry and entry[0] > 0 else 0)
-        return info
 
     async def _task_done(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         res = await self._complete({**hdr, "node": stream.conn.who.name})
@@ -347,18 +336,10 @@ class Master:
     async def _heartbeat(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         self._require()  # a deposed master must not keep a live view (or claim to be master)
         name = stream.conn.who.name
-        if name not in self.live:
-            log.info("member %s is alive", name)
-        if name in self.declared_dead:
-            log.info("member %s is back", name)
-            self.declared_dead.discard(name)
-        now = time.monotonic()
         tasks = [t for t in hdr.get("tasks") or [] if isinstance(t, dict)]
-        for t in tasks:
-            self._watch(t, now)
-        first = self.live.get(name, {}).get("first", now)
-        self.live[name] = {"seen": now, "first": first, "tasks": tasks, "slots": int(hdr.get("slots", 0)),
-                           "paused": str(hdr.get("paused", ""))}
+        news = self.leases.heard(name, tasks, int(hdr.get("slots", 0)), str(hdr.get("paused", "")), time.monotonic())
+        if news:
+            log.info("member %s is %s", name, news)
         await stream.send({"t": "ok", "master": self.node.name, "abort": self._to_abort(name, tasks)})
 
     def _to_abort(self, name: str, tasks: list[dict[str, Any]]) -> list[list[Any]]:
@@ -380,34 +361,11 @@ class Master:
                     stop.append([job.id, phase, index, attempt])
         return stop
 
-    def _watch(self, t: dict[str, Any], now: float) -> None:
-        """Keep a running attempt's lease alive while its progress moves."""
-        key = (str(t.get("job")), str(t.get("phase")), int(t.get("index", -1)), int(t.get("attempt", 0)))
-        entry = self.watch.setdefault(key, [-1.0, now, now])
-        progress = float(t.get("progress", 0))
-        if progress != entry[0]:
-            entry[0], entry[1] = progress, now
-        entry[2] = now
-
     def health(self, name: str, now: float) -> tuple[str, float | None]:
-        """(alive | suspected | dead | unknown, seconds since the last heartbeat)."""
-        seen = self.live.get(name)
-        if seen is None:
-            return ("dead" if name in self.declared_dead else "unknown"), None
-        age = now - seen["seen"]
-        state = "alive" if age <= 2 * self.node.config.heartbeat else "suspected" if age <= self.dead_after else "dead"
-        return state, age
+        return self.leases.health(name, now)
 
     def live_view(self) -> dict[str, Any]:
-        now = time.monotonic()
-        view = {}
-        for name in set(self.live) | self.declared_dead:
-            health, age = self.health(name, now)
-            info = self.live.get(name, {})
-            view[name] = {"health": health, "age": None if age is None else round(age, 3),
-                          "tasks": info.get("tasks", []), "slots": info.get("slots", 0),
-                          "paused": info.get("paused", "")}
-        return view
+        return self.leases.view(time.monotonic())
 
     async def _live(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         self._require()
@@ -421,38 +379,25 @@ class Master:
         assert c is not None
         now = time.monotonic()
         with c.reading() as state:
-            members = {m.name: m.data_addr for m in state.members.values()}
-            running: list[dict[str, Any]] = [
-                {"job": j.id, "phase": t.phase, "index": t.index, "attempt": attempt, "node": node, "term": t.term}
+            addrs = {m.name: m.data_addr for m in state.members.values()}
+            running = [Running(j.id, t.phase, t.index, attempt, node, t.term)
                        for j in state.active_jobs() for t in j.maps + j.reduces if t.state == "running"
                        for attempt, node in t.runs.items()]
             holding = {t.node for j in state.active_jobs() for t in j.maps + j.reduces if t.node}
-            holding |= {r["node"] for r in running}
-        for name in sorted(holding - set(members) - self.declared_dead):
-            await self._declare_lost(name, "no longer a member")
-        for name in sorted(holding & set(members) - self.declared_dead - {self.node.name}):
-            silent = now - self.live.get(name, {}).get("seen", self.since)
-            if silent > self.dead_after:
-                await self._declare_lost(name, f"silent for {silent:.1f} s")
-            elif (name not in self.live or silent > 2 * self.node.config.heartbeat) \
-                    and await self._refused(name, members[name], now):
+            holding |= {r.node for r in running}
+        sweep = self.leases.silent(holding, set(addrs), self.node.name, now)
+        for name, why in sweep.lose:
+            await self._declare_lost(name, why)
+        for name in sweep.probe:
+            if await self._refused(name, addrs[name], now):
                 await self._declare_lost(name, "its node process is gone (connection refused)")
-        for t in running:
-            if t["node"] in self.declared_dead:
-                continue
-            reason = self._unheld(t) or self._expired(t, now)
-            if reason:
-                await self._release(t, reason, may_finish=reason.startswith("stalled"))
-        live_keys = {(t["job"], t["phase"], t["index"], t["attempt"]) for t in running}
-        self.watch = {k: v for k, v in self.watch.items() if k in live_keys}
-        self.started = {k: v for k, v in self.started.items() if k in live_keys}
-        for k in live_keys - set(self.started):
-            self.started[k] = now
+        for t, reason in self.leases.expired(running, now):
+            await self._release(asdict(t), reason, may_finish=reason.startswith("stalled"))
 
     async def _declare_lost(self, name: str, why: str) -> None:
         res = await self.node.propose({"op": "lost", "node": name, "term": self.term, "now": time.time()})
         if res.get("ok"):
-            self.declared_dead.add(name)
+            self.leases.lost(name)
             log.warning("member %s lost (%s): its tasks run elsewhere (%d job(s))", name, why, res["jobs"])
 
     async def _refused(self, name: str, addr: str, now: float) -> bool:
@@ -470,34 +415,6 @@ class Master:
             return False
         writer.close()
         return False
-
-    def _unheld(self, t: dict[str, Any]) -> str:
-        """An attempt a former master assigned that its member has not listed in a heartbeat
-        sent a full interval after this master took over: the assignment was committed but
-        never reached the member (the master died in between). It runs again at once."""
-        key = (t["job"], t["phase"], t["index"], t["attempt"])
-        if t["term"] >= self.term or key in self.watch:
-            return ""  # assigned by this master, or listed by its member
-        first = self.live.get(t["node"], {}).get("first", 0.0)
-        seen = self.live.get(t["node"], {}).get("seen", 0.0)
-        if first and seen - max(first, self.since) > 2 * self.node.config.heartbeat:
-            return f"lost on {t['node']}"
-        return ""
-
-    def _expired(self, t: dict[str, Any], now: float) -> str:
-        """Why a running attempt's lease is over, or "" while it holds."""
-        key = (t["job"], t["phase"], t["index"], t["attempt"])
-        if now - self.since < self.dead_after + self.node.config.heartbeat:
-            return ""  # a new master first hears from every member before judging by time
-        entry = self.watch.get(key)
-        if entry is None:  # first noticed (just assigned, or a new master): full grace
-            self.watch[key] = [-1.0, now, now]
-            return ""
-        if now - entry[2] > self.dead_after + self.node.config.heartbeat:
-            return f"lost on {t['node']}"  # its member is alive but no longer runs it
-        if now - entry[1] > self.stall_after:
-            return f"stalled on {t['node']}"
-        return ""
 
     # -- assembling results -------------------------------------------------------------
 

@@ -7,7 +7,7 @@ stream id chosen by the dialer. A request is a stream whose first frame names a 
 :class:`~pdp.errors.RemoteError`. Frames without a stream id (``raft``) are one-way
 messages handed to ``oneway`` at once (Raft traffic between members).
 
-Who the other end is comes from TLS only (:mod:`pdp.tls`): the dialer pins the listener's
+Who the other end is comes from TLS only (:mod:`pdp.net.tls`): the dialer pins the listener's
 certificate fingerprint, the listener looks the dialer's proven fingerprint up in the
 party's identities (:class:`Peer`). After TLS one ``hello``/``welcome`` exchange tells a
 refused dialer why. Every request is checked by ``authorize(conn, kind)`` before its
@@ -24,11 +24,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pdp import tls, wire
+from pdp.net import tls, wire
 from pdp.errors import AuthError, PdpError, ProtocolError, RemoteError
 from pdp.identity import Identity, display_id
 
-log = logging.getLogger("pdp.transport")
+log = logging.getLogger("pdp.net.transport")
 
 READ_SIZE = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
@@ -62,9 +62,13 @@ ANONYMOUS = Peer(None, "anonymous", "anonymous")
 class Forbidden(PdpError):
     """The peer's identity may not make this request."""
 
+    code = "forbidden"
+
 
 class ConnectionLost(PdpError):
     """The peer went away (or broke the protocol) while a stream was open."""
+
+    code = "connection_lost"
 
 
 class Stream:
@@ -91,7 +95,7 @@ class Stream:
         if frame is None:
             raise ConnectionLost(f"{self.conn.peer}: connection lost")
         if frame.header["t"] == "error":
-            raise RemoteError(str(frame.header.get("message", "error")))
+            raise RemoteError(str(frame.header.get("message", "error")), str(frame.header.get("code", "error")))
         return frame
 
     def close(self) -> None:
@@ -248,10 +252,10 @@ class Connection:
         except ConnectionLost as exc:
             if not self.closed:  # lost on another connection the handler used: tell our peer
                 with contextlib.suppress(ConnectionLost, ConnectionError):
-                    await stream.error(type(exc).__name__, str(exc))
+                    await stream.error(exc.code, str(exc))
         except PdpError as exc:
             with contextlib.suppress(ConnectionLost, ConnectionError):
-                await stream.error(type(exc).__name__, str(exc))
+                await stream.error(exc.code, str(exc))
         except Exception as exc:
             log.exception("handler %s failed for %s", kind, self.peer)
             with contextlib.suppress(ConnectionLost, ConnectionError):

@@ -6,7 +6,7 @@ always holds a str field ``"t"`` (the message type), then ``payload_len`` raw by
 data travels in the payload, never inside msgpack. :func:`encode_frame` builds a frame,
 :func:`decode_header` strictly parses a header, and :class:`FrameDecoder` turns an
 arbitrary byte stream into :class:`Frame` objects, enforcing the size limits from the
-prefix alone. Frames travel inside TLS 1.3 (:mod:`pdp.tls`), which authenticates and
+prefix alone. Frames travel inside TLS 1.3 (:mod:`pdp.net.tls`), which authenticates and
 encrypts them; anything a peer sends that breaks these rules raises
 :class:`~pdp.errors.ProtocolError` and the connection is dropped.
 """

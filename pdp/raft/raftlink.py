@@ -1,6 +1,6 @@
 """The asyncio side of Raft: pysyncobj's messages over members' authenticated connections.
 
-Implements :class:`pdp.raftnet.Bridge`. Every voter keeps one outbound connection (purpose
+Implements :class:`pdp.raft.raftnet.Bridge`. Every voter keeps one outbound connection (purpose
 ``raft``, apart from bulk data so heartbeats never wait behind a 1 MiB frame) to each voter
 it wants and sends its messages there; what a voter receives on its *inbound* connections
 comes from the voter whose certificate that connection proved. A worker (read-only
@@ -23,9 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 from pdp.errors import AuthError, PdpError
-from pdp.transport import Connection, Peers
+from pdp.net.transport import Connection, Peers
 
-log = logging.getLogger("pdp.raftlink")
+log = logging.getLogger("pdp.raft.raftlink")
 
 REDIAL = 0.5  # seconds between attempts to reach a voter that is down
 LINK_TIMEOUT = 3.0  # seconds of silence (data unacknowledged, keepalives unanswered) that close a Raft link

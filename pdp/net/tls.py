@@ -27,7 +27,7 @@ from pdp.errors import AuthError
 from pdp.identity import Identity, display_id, fingerprint
 
 SNI = "pdp"
-log = logging.getLogger("pdp.tls")
+log = logging.getLogger("pdp.net.tls")
 
 
 def _load_chain(ctx: ssl.SSLContext, ident: Identity) -> None:

@@ -1,18 +1,18 @@
 """The composition root: one ``pdp node`` process, the same on every machine.
 
-Wires the pieces together — the Raft group (:mod:`pdp.consensus`), the data-plane server
-and outbound connections (:mod:`pdp.transport`), the spool, the task pool — and runs the
-three roles every node has: gateway for clients (:mod:`pdp.gateway`), worker
-(:mod:`pdp.worker`), and, while it leads the Raft group, master (:mod:`pdp.master`).
+Wires the pieces together — the Raft group (:mod:`pdp.raft.consensus`), the data-plane server
+and outbound connections (:mod:`pdp.net.transport`), the spool, the task pool — and runs the
+three roles every node has: gateway for clients (:mod:`pdp.node.gateway`), worker
+(:mod:`pdp.node.worker`), and, while it leads the Raft group, master (:mod:`pdp.node.master`).
 
 Who may call what is decided here for every connection: the peer's proven certificate is
-looked up in the replicated identities (:meth:`Node.resolve`, :mod:`pdp.authz`); the
+looked up in the replicated identities (:meth:`Node.resolve`, :mod:`pdp.core.authz`); the
 listener's trust store is rebuilt when they change, and connections of revoked identities
-are closed at once. Raft travels over the same port (:mod:`pdp.raftlink`); proposals from
+are closed at once. Raft travels over the same port (:mod:`pdp.raft.raftlink`); proposals from
 members that do not lead reach the master over a ``propose`` request it authorizes.
 
 It also owns what outlives single requests: the owner's limits around every task call
-(:func:`pdp.limits.run_limited`), reloading the config file on SIGHUP or ``pdp reload``,
+(:func:`pdp.node.limits.run_limited`), reloading the config file on SIGHUP or ``pdp reload``,
 and the spool janitor that deletes the files of jobs that have ended.
 """
 
@@ -37,20 +37,22 @@ from typing import Any
 
 import msgpack
 
-from pdp import authz, mapoutput, tls
+from pdp.core import authz
+from pdp.net import tls
+from pdp.jobs import mapoutput
 from pdp.config import NodeConfig, changed_settings
-from pdp.consensus import Consensus, ConsensusError
-from pdp.errors import AuthError, PdpError
+from pdp.raft.consensus import Consensus, ConsensusError
+from pdp.errors import AuthError, NotMaster, PdpError
 from pdp.fsutil import sums_path, check_range, check_sha256
-from pdp.limits import format_size, run_limited
-from pdp.state import ACTIVE
-from pdp.split import aligned_bounds
-from pdp.spool import Spool
-from pdp.streams import recv_file, recv_parts, send_file, send_parts
+from pdp.node.limits import format_size, run_limited
+from pdp.core.state import ACTIVE
+from pdp.core.split import aligned_bounds
+from pdp.node.spool import Spool
+from pdp.net.streams import recv_file, recv_parts, send_file, send_parts
 from pdp.identity import load_node_identity, token_hash, verify
 from pdp.partyfile import PartyFile
-from pdp.raftlink import RaftLink
-from pdp.transport import ANONYMOUS, Connection, Handler, Peer, Peers, Stream, accept, split_addr
+from pdp.raft.raftlink import RaftLink
+from pdp.net.transport import ANONYMOUS, Connection, Handler, Peer, Peers, Stream, accept, split_addr
 
 log = logging.getLogger("pdp.node")
 
@@ -159,9 +161,9 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------
 
     async def run(self) -> int:
-        from pdp.gateway import Gateway
-        from pdp.master import Master
-        from pdp.worker import Worker
+        from pdp.node.gateway import Gateway
+        from pdp.node.master import Master
+        from pdp.node.worker import Worker
 
         cfg = self.config
         self.pool = new_pool(cfg.cpus)
@@ -292,7 +294,7 @@ class Node:
 
     async def _become(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         """The master changed this member's Raft seat: follow the log as a voter or a worker
-        (only the master of the current term may ask: :mod:`pdp.authz`)."""
+        (only the master of the current term may ask: :mod:`pdp.core.authz`)."""
         await self.switch_role(bool(hdr["voter"]), sorted(str(a) for a in hdr["core"]))
         await stream.send({"t": "ok"})
 
@@ -446,7 +448,7 @@ class Node:
         """A member asks the master to commit a command it may propose (never an order)."""
         c = self.consensus
         if c is None or not self.master.is_master():
-            raise PdpError(f"{self.name} is not the master")
+            raise NotMaster(f"{self.name} is not the master")
         cmd = msgpack.unpackb(payload)
         op = cmd.get("op") if isinstance(cmd, dict) else None
         if op not in FORWARDABLE:
