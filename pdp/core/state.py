@@ -389,6 +389,9 @@ class State:
         self.identities: dict[str, dict[str, Any]] = {}
         # name -> pending invitation {"kind", "token_hash", "expires", "by", "at"} (one per name)
         self.tokens: dict[str, dict[str, Any]] = {}
+        # the party's recent events, oldest first: [seq, time, kind, job id or "", text] (see note_event)
+        self.events: list[list[Any]] = []
+        self.clock = 0.0  # the latest "now" a command carried: the time of events whose command has none
 
     def __setstate__(self, data: dict[str, Any]) -> None:
         """Dumps written before a field existed load with its default."""
@@ -417,7 +420,13 @@ class State:
                             f"{raft_term}", stale=True)
             if op == "batch":
                 return self._batch(cmd, raft_term)
-            return handler(self, cmd)
+            result = handler(self, cmd)
+            if result.get("ok") and not result.get("dup"):
+                now = cmd.get("now")
+                if isinstance(now, (int, float)) and not isinstance(now, bool) and now > self.clock:
+                    self.clock = float(now)
+                note_event(self, str(op), cmd, result)
+            return result
         except Exception as exc:  # a bug must not stop the log: report it as a value
             return _err(f"internal error applying {cmd.get('op')!r}: {type(exc).__name__}: {exc}")
 
@@ -874,6 +883,7 @@ class State:
                     or type(holders) is not list or not holders or not all(valid_name(h) for h in holders):
                 job.state, job.error = "failed", f"step {job.step + 1}: reduce {t.index} reported no stored output"
                 job.finished_at = float(now) if now is not None else job.submitted_at
+                _event(self, "failed", job.id, f"job {job.id} failed: {job.error}")
                 return
             carried.append({"name": f"step {job.step + 1} output {len(carried)}", "size": out["size"],
                             "file_id": out["file_id"], "holders": list(holders)[:MAX_HOLDERS]})
@@ -883,6 +893,7 @@ class State:
             job.maps.append(Task("map", len(job.maps), input=k, start=0, end=inp["size"], step=job.step))
         job.reduces.extend(Task("reduce", len(job.reduces), step=job.step) for _ in range(job.n_reduce))
         job.state = "mapping"
+        _event(self, "step", job.id, f"job {job.id}: step {job.step + 1} of {job.steps} begins")
 
     def _rerun(self, job: Job, task: Task, reason: str) -> None:
         task.state, task.node, task.stats, task.runs = "pending", "", {}, {}
@@ -1041,6 +1052,51 @@ class State:
             if t["token_hash"] == token_hash and now <= t["expires"]:
                 return {"name": name, "kind": t["kind"], "expires": t["expires"], "by": t["by"]}
         return None
+
+
+MAX_EVENTS = 500  # the party's event log keeps the latest this many
+
+
+def _event(state: State, kind: str, job: str, text: str) -> None:
+    seq = state.events[-1][0] + 1 if state.events else 1
+    state.events.append([seq, state.clock, kind, job, text[:MAX_ERROR]])
+    if len(state.events) > MAX_EVENTS:
+        del state.events[: len(state.events) - MAX_EVENTS]
+
+
+def _task_name(c: Cmd) -> str:
+    return f"{c.get('phase')} {c.get('index')}"
+
+
+def note_event(state: State, op: str, c: Cmd, res: Result) -> None:
+    """Record what an applied command means to the people watching: elections, members
+    joining, lost and leaving, jobs submitted, re-runs and why, backups, steps, the end."""
+    job = str(c.get("job") or c.get("id") or "")
+    if op == "master":
+        _event(state, "election", "", f"{c['name']} is master in term {c['term']}")
+    elif op == "member":
+        _event(state, "member", "", f"{c['name']} is a member ({c.get('cpus')} cpus)")
+    elif op == "lost":
+        _event(state, "lost", "", f"member {c['node']} lost: its tasks run elsewhere")
+    elif op == "leave":
+        _event(state, "left", "", f"{c.get('name')} left the party")
+    elif op == "submit":
+        _event(state, "submitted", job, f"job {job} submitted by {c.get('form', {}).get('submitter', '?')}")
+    elif op == "assign" and c.get("backup"):
+        _event(state, "backup", job, f"{_task_name(c)}: a backup attempt on {c['node']}")
+    elif op == "release":
+        _event(state, "rerun", job, f"{_task_name(c)} runs again: {c.get('reason', '')}")
+    elif op == "redo" and res.get("redone"):
+        _event(state, "rerun", job, f"{res['redone']} {c.get('phase')} output(s) unreachable on {c.get('holder')} "
+                                    "run again")
+    elif op == "complete" and res.get("job_done"):
+        _event(state, "done", job, f"job {job} done")
+    elif op == "fail":
+        _event(state, "failed", job, f"job {job} failed: {c.get('error', '')}")
+    elif op == "finish":
+        _event(state, "done", job, f"job {job} done")
+    elif op == "cancel":
+        _event(state, "cancelled", job, f"job {job} cancelled")
 
 
 ORDERS = frozenset({"master", "assign", "complete", "release", "lost", "redo", "fail", "finish"})

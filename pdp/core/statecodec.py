@@ -57,7 +57,9 @@ _TYPED: dict[str, Any] = {
     "records": dict[str, Record],
     "next_seq": int,
     "applied": int,
+    "clock": float,
 }
+_SINCE = frozenset({"events", "clock"})  # State fields newer than the first dump format: may be absent
 _PAIRS = {(Task, "runs"), (Task, "given_up")}  # dict[int, str] fields, kept as [[key, value], ...] (msgpack maps want str keys)
 
 
@@ -112,10 +114,12 @@ def state_from_plain(d: Any) -> State:
     field is missing, unknown or of the wrong type. ``d`` must not be used afterwards (the
     State takes over its plain containers)."""
     names = _state_fields()
-    if type(d) is not dict or set(d) != set(names):
+    if type(d) is not dict or not set(names) - _SINCE <= set(d) <= set(names):
         raise ProtocolError("a state is a map of exactly its fields")
     state = State()
     for name, hint in names.items():
+        if name not in d:  # a dump written before the field existed: its default
+            continue
         value = _field(name, _decoder(hint), d[name])
         if type(value) is not type(getattr(state, name)):  # e.g. a dict stays a dict
             raise ProtocolError(f"{name}: a {type(getattr(state, name)).__name__} expected")

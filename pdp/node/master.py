@@ -118,7 +118,8 @@ class Master:
             log.error("the founding identities were refused: %s", res.get("error"))
 
     async def _claim(self, term: int) -> None:
-        cmd = {"op": "master", "term": term, "name": self.node.name, "data_addr": self.node.config.advertise_addr}
+        cmd = {"op": "master", "term": term, "name": self.node.name, "data_addr": self.node.config.advertise_addr,
+               "now": time.time()}
         try:
             await self.node.propose(cmd, timeout=2.0)
         except ConsensusError as exc:
