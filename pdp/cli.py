@@ -1,4 +1,9 @@
-"""The ``pdp`` command line (typer): parse, load settings, call; PdpError -> message, exit 1."""
+"""The ``pdp`` command line (typer): parse, load settings, call; PdpError -> message, exit 1.
+
+Exit codes (README "Exit codes"): 0 success, 1 error, 2 usage (click), 3 ``pdp wait --timeout``
+ran out (and ``pdp service status``: not running), 130 Ctrl-C. ``--json`` prints one document
+on stdout and nothing else there.
+"""
 
 from __future__ import annotations
 
@@ -19,15 +24,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from pdp.client import Client, new_job_id, run_job
+from pdp.client import Client, Failover, WaitTimeout, follow_job, job_state, new_job_id, run_job, submit_job
 from pdp.config import default_config_file, default_data_dir, load_config
 from pdp.identity import Credential, display_id, load_credential
 from pdp.errors import PdpError
+from pdp.service import service_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pdp — Party Distributed Processing: bring your own bits.")
 party_app = typer.Typer(no_args_is_help=True, help="Create and manage a party.")
 app.add_typer(party_app, name="party")
+app.add_typer(service_app, name="service")
 err = Console(stderr=True)
 T = TypeVar("T")
 
@@ -37,9 +44,15 @@ NodeOpt = Annotated[Optional[str], typer.Option(help=NODE_HELP)]
 KeyOpt = Annotated[Optional[Path], typer.Option(envvar="PDP_KEY_FILE", help=KEY_HELP)]
 
 
+TIMED_OUT = 3  # `pdp wait --timeout`: the job did not end in time (it goes on)
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
+    except WaitTimeout as exc:
+        _error(str(exc))
+        raise typer.Exit(TIMED_OUT) from None
     except PdpError as exc:
         _error(str(exc))
         raise typer.Exit(1) from None
@@ -76,17 +89,27 @@ def node(
     cpus: Optional[int] = typer.Option(None, help="task slots this node gives (default: all cores)"),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="log debug detail"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="log warnings and errors only"),
+    dashboard: Optional[str] = typer.Option(None, help="the web dashboard and /metrics: HOST:PORT on loopback, "
+                                                       "or off (default 127.0.0.1:7780)"),
+    log_file: Optional[Path] = typer.Option(None, help="log to this file instead of stderr, rotated at 10 MiB "
+                                                       "(5 old files kept: FILE.1 ... FILE.5)"),
 ) -> None:
     """Run a party member (the same process on every machine); `pdp party init` or `pdp join` first."""
+    from logging.handlers import RotatingFileHandler
+
     from pdp.node.root import run_node
 
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if log_file is not None:  # launchd has no journal: a file that cannot fill the disk
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = RotatingFileHandler(log_file, maxBytes=10 << 20, backupCount=5, encoding="utf-8")
+    logging.basicConfig(handlers=[handler], format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logging.getLogger("pysyncobj").setLevel(logging.DEBUG if verbose else logging.WARNING)
     if config is None and (default_config_file().exists() or os.environ.get("PDP_CONFIG")):
         config = default_config_file()  # a $PDP_CONFIG that names no file is an error, not silence
     overrides = {"name": name, "listen": listen, "advertise": advertise, "peers": tuple(peer), "data_dir": data_dir,
-                 "cpus": cpus}
+                 "cpus": cpus, "dashboard": dashboard}
     try:
         code = run_node(load_config(config, overrides), lambda: load_config(config, overrides))
     except PdpError as exc:
@@ -123,25 +146,39 @@ def party_init(
 def show_id(
     data_dir: Optional[Path] = typer.Option(None, help="the node's data dir (default: the per-user data dir)"),
     key_file: KeyOpt = None,
+    as_json: bool = typer.Option(False, "--json", help='print {"node": {"id", "path"}, "user": {"id", "name", '
+                                                       '"path"}} (null for what does not exist)'),
 ) -> None:
     """This machine's ids: its node's and your user's (compare them with what others see)."""
-    from pdp.identity import node_identity_path, pem_fingerprint
-
-    path = node_identity_path(data_dir or default_data_dir())
-    shown = 0
-    if path.exists():
-        text = path.read_text()
-        print(f"node  {display_id(pem_fingerprint(text[text.index('-----BEGIN CERTIFICATE-----'):]))}  ({path})")
-        shown += 1
-    try:
-        cred = load_credential(key_file)
-        print(f"user  {cred.identity.display}  {cred.name} ({cred.path})")
-        shown += 1
-    except PdpError:
-        pass
-    if not shown:
+    ids = _ids(data_dir, key_file)
+    if not any(ids.values()):
         _error("no identity on this machine yet: `pdp party init` founds a party, `pdp join TOKEN` joins one")
         raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(ids))
+        return
+    if ids["node"]:
+        print(f"node  {ids['node']['id']}  ({ids['node']['path']})")
+    if ids["user"]:
+        print(f"user  {ids['user']['id']}  {ids['user']['name']} ({ids['user']['path']})")
+
+
+def _ids(data_dir: Optional[Path], key_file: Optional[Path]) -> dict[str, Optional[dict[str, str]]]:
+    """The node's id and the user's, each None if this machine has none."""
+    from pdp.identity import node_identity_path, pem_fingerprint
+
+    ids: dict[str, Optional[dict[str, str]]] = {"node": None, "user": None}
+    path = node_identity_path(data_dir or default_data_dir())
+    if path.exists():
+        text = path.read_text()
+        ids["node"] = {"id": display_id(pem_fingerprint(text[text.index("-----BEGIN CERTIFICATE-----"):])),
+                       "path": str(path)}
+    try:
+        cred = load_credential(key_file)
+    except PdpError:
+        return ids
+    ids["user"] = {"id": cred.identity.display, "name": cred.name, "path": str(cred.path)}
+    return ids
 
 
 @app.command()
@@ -228,8 +265,10 @@ def submit(
     priority: int = typer.Option(0, min=-100, max=100,
                                  help="higher runs first (-100..100); equal priorities share the party fairly "
                                       "by submitter"),
-    detach: bool = typer.Option(False, help="print the job id and return without waiting"),
-    as_json: bool = typer.Option(False, "--json", help="print the outcome as JSON"),
+    no_wait: bool = typer.Option(False, "--no-wait", "--detach",
+                                 help="print the job id once the job is accepted and return without waiting "
+                                      "(`pdp wait JOB` later)"),
+    as_json: bool = typer.Option(False, "--json", help="print the outcome as one JSON object"),
     key_file: KeyOpt = None,
 ) -> None:
     """Submit a job with its input files; wait for it and write the result:
@@ -238,32 +277,75 @@ def submit(
 
     job_id = new_job_id(Path(split_ref(job)[0]).stem.replace("_", "-")[:40] or "job")
     out = output or Path(f"{job_id}.tsv")
-    if not detach and not out.parent.resolve().is_dir():
-        _error(f"the output directory {out.parent} does not exist")
-        raise typer.Exit(1)
+    if not no_wait:
+        _check_output_dir(out)
     key = _key(key_file)
     form = {"comment": comment, "data_type": data_type, "output": str(out), "priority": priority,
             "args": list(JOB_ARGS)}
-    result = _run(_submit(_node_addr(node), key, job, inputs, job_id, out, form, detach, as_json))
+    result = _run(_submit(_node_addr(node), key, job, inputs, job_id, out, form, no_wait, as_json))
     if as_json:
         print(json.dumps(result))
-    elif detach:
+    elif no_wait:
         print(job_id)
     else:
-        print(f"{job_id}: {result['keys']} keys, {result['size']} bytes -> {out}")
+        print(_outcome_line(result))
+
+
+def _check_output_dir(out: Path) -> None:
+    if not out.parent.resolve().is_dir():
+        _error(f"the output directory {out.parent} does not exist")
+        raise typer.Exit(1)
 
 
 async def _submit(addr: str, key: Credential, kind: str, inputs: list[Path], job_id: str, out: Path,
-                  form: dict[str, Any], detach: bool, as_json: bool) -> dict[str, Any]:
-    if detach:
-        async with Client(addr, key) as client:
-            ack = await client.submit(kind, inputs, job_id, **form)
-        return {"id": job_id, "accepted": True, "dup": ack.get("dup", False)}
+                  form: dict[str, Any], no_wait: bool, as_json: bool) -> dict[str, Any]:
+    if no_wait:  # the upload still fails over to another member; the job id makes a retry safe
+        async with Failover([addr], key) as party:
+            ack = await submit_job(party, kind, inputs, job_id, **form)
+            state = await job_state(party, job_id)
+        return {"id": job_id, "accepted": True, "dup": bool(ack.get("dup", False)), "state": state}
     with _progress_view(job_id, quiet=as_json) as show:
         summary, head = await run_job([addr], key, kind, inputs, job_id, out, show, **form)
+    return _outcome(job_id, out, summary, head)
+
+
+def _outcome(job_id: str, out: Path, summary: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
+    """What `pdp submit --json` and `pdp wait --json` print for a finished job."""
     return {"id": job_id, "output": str(out), "size": head["size"], "keys": head.get("keys"),
             "sha256": head["sha256"], "done_on": summary["done_on"], "reruns": summary.get("reruns", {}),
             "seconds": round(summary["finished_at"] - summary["submitted_at"], 3)}
+
+
+def _outcome_line(result: dict[str, Any]) -> str:
+    return f"{result['id']}: {result['keys']} keys, {result['size']} bytes -> {result['output']}"
+
+
+@app.command("wait")
+def wait_job(
+    job_id: str = typer.Argument(..., help="the job id that `pdp submit --no-wait` printed"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="where to write the result (default <job-id>.tsv)"),
+    timeout: Optional[float] = typer.Option(None, min=0, help="give up after this many seconds (exit 3; the "
+                                                                  "job goes on); 0 looks once"),
+    node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help="print the outcome as one JSON object (no progress)"),
+    key_file: KeyOpt = None,
+) -> None:
+    """Wait for a job submitted earlier (e.g. with `pdp submit --no-wait`) and write its result.
+    Exits 0 when it is done, 1 if it failed or was cancelled, 3 on --timeout."""
+    out = output or Path(f"{job_id}.tsv")
+    _check_output_dir(out)
+    key = _key(key_file)
+    addrs = [_node_addr(node), *sorted(key.addrs.values())]  # any member will do if ours goes away
+    result = _run(_wait(addrs, key, job_id, out, timeout, as_json))
+    print(json.dumps(result) if as_json else _outcome_line(result))
+
+
+async def _wait(addrs: list[str], key: Credential, job_id: str, out: Path, timeout: Optional[float],
+                as_json: bool) -> dict[str, Any]:
+    async with Failover(addrs, key) as party:
+        with _progress_view(job_id, quiet=as_json) as show:
+            summary, head = await follow_job(party, job_id, out, show, timeout)
+    return _outcome(job_id, out, summary, head)
 
 
 class _progress_view:
@@ -394,7 +476,7 @@ def _jobs_table(listing: list[dict[str, Any]]) -> Table:
 
 
 def _show_job(job: dict[str, Any], as_json: bool) -> None:
-    job.pop("t", None)
+    job.pop("t", None), job.pop("s", None)  # frame fields, not the job's
     if as_json:
         print(json.dumps(job, indent=2))
         return
@@ -431,23 +513,57 @@ def _job_view(job: dict[str, Any]) -> list[Text | Table]:
 def cancel(
     job_id: str = typer.Argument(..., help="the job id that submit printed"),
     node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help='print {"id", "cancelled": true}'),
     key_file: KeyOpt = None,
 ) -> None:
     """Stop a job: its tasks stop, its spool space is freed on every member."""
     _run(_call(_node_addr(node), _key(key_file), "cancel", id=job_id))
-    print(f"{job_id} cancelled")
+    print(json.dumps({"id": job_id, "cancelled": True}) if as_json else f"{job_id} cancelled")
 
 
 @app.command()
 def reload(
     node: Optional[str] = typer.Option(None, help="HOST:PORT of the member to reload (default: $PDP_NODE)"),
+    as_json: bool = typer.Option(False, "--json", help='print {"applied": [...], "restart": [...]}'),
     key_file: KeyOpt = None,
 ) -> None:
     """Make the member at --node read its config file again (as `kill -HUP` does)."""
     res = _run(_call(_node_addr(node), _key(key_file), "reload"))
+    if as_json:
+        print(json.dumps({"applied": list(res["applied"]), "restart": list(res["restart"])}))
+        return
     print("applied: " + (", ".join(res["applied"]) or "no changes"))
     if res["restart"]:
         print("these take effect after a restart: " + ", ".join(res["restart"]))
+
+
+@app.command()
+def logs(
+    job_id: str = typer.Argument(..., help="the job id"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events until the job ends"),
+    node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help='one JSON object a line: {"seq", "time", "kind", "job", "text"}'),
+    key_file: KeyOpt = None,
+) -> None:
+    """A job's events from the party's log: submitted, re-runs and why (task errors), backups,
+    steps, members lost, done or failed. With -f, follows until the job ends."""
+    cred = _key(key_file)
+    addrs = [_node_addr(node), *sorted(cred.addrs.values())]  # any member will do if ours goes away
+
+    async def go() -> None:
+        after = 0
+        async with Failover(addrs, cred) as party:
+            while True:
+                state, events = await party.run(lambda c: c.events(job_id, after), f"read the events of {job_id}")
+                for e in events:
+                    stamp = time.strftime("%H:%M:%S", time.localtime(e["time"]))
+                    print(json.dumps(e) if as_json else f"{stamp} {e['kind']:<10} {e['text']}", flush=True)
+                    after = max(after, int(e["seq"]))
+                if not follow or state not in ("queued", "mapping", "reducing"):
+                    return
+                await asyncio.sleep(0.5)
+
+    _run(go())
 
 
 @app.command()
@@ -455,6 +571,7 @@ def result(
     job_id: str = typer.Argument(..., help="the job id that submit printed"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="where to write it (default <job-id>.tsv)"),
     node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help='print {"id", "output", "size", "keys", "sha256"}'),
     key_file: KeyOpt = None,
 ) -> None:
     """Fetch a finished job's output."""
@@ -465,6 +582,10 @@ def result(
             return await client.fetch_result(job_id, out)
 
     head = _run(fetch())
+    if as_json:
+        print(json.dumps({"id": job_id, "output": str(out), "size": head["size"], "keys": head.get("keys"),
+                          "sha256": head["sha256"]}))
+        return
     print(f"{job_id}: {head['size']} bytes -> {out}")
 
 
@@ -476,15 +597,20 @@ def invite(
     withdraw: bool = typer.Option(False, "--withdraw", help="cancel NAME's pending invitation instead"),
     replace: bool = typer.Option(False, help="replace NAME's pending invitation"),
     node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help='print {"name", "kind", "token", "expires"} (with '
+                                                       '--withdraw: {"name", "withdrawn": true}); no hints'),
     key_file: KeyOpt = None,
 ) -> None:
     """(admin) Print a one-time join token for NAME; `pdp join TOKEN` on the new machine uses it."""
     if withdraw:
         _run(_call(_node_addr(node), _key(key_file), "withdraw", name=name))
-        print(f"the invitation of {name} is withdrawn")
+        print(json.dumps({"name": name, "withdrawn": True}) if as_json else f"the invitation of {name} is withdrawn")
         return
     res = _run(_call(_node_addr(node), _key(key_file), "invite", name=name, user=user, ttl=_seconds(ttl),
                      replace=replace))
+    if as_json:
+        print(json.dumps({"name": name, "kind": res["kind"], "token": res["token"], "expires": res["expires"]}))
+        return
     expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(res["expires"]))
     print(res["token"])
     err.print(f"one-time token for {res['kind']} {name}, valid until {expires}. On the new machine run:\n"
@@ -552,6 +678,7 @@ def rekey(
     print(_run(rekey_identity(_node_addr(node), _key(key_file), data_dir)))
 
 
+CORE_JSON_HELP = 'print {"name", "action", "voters": [...]}'
 core_app = typer.Typer(no_args_is_help=True, help="Change the Raft core (the voters), one member at a time.")
 app.add_typer(core_app, name="core")
 
@@ -560,22 +687,33 @@ app.add_typer(core_app, name="core")
 def core_add(
     name: str = typer.Argument(..., help="a member that works without a Raft seat"),
     node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help=CORE_JSON_HELP),
     key_file: KeyOpt = None,
 ) -> None:
     """Give a member a Raft seat (keep the core at 3 or 5 voters)."""
-    res = _run(_call(_node_addr(node), _key(key_file), "core", action="add", name=name))
-    print(f"{name} is a core member; voters: {', '.join(res['voters'])}")
+    _core_change("add", name, node, key_file, as_json)
 
 
 @core_app.command("remove")
 def core_remove(
     name: str = typer.Argument(..., help="a core member"),
     node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help=CORE_JSON_HELP),
     key_file: KeyOpt = None,
 ) -> None:
     """Take a member's Raft seat away (leadership moves first if it leads); it stays a worker."""
-    res = _run(_call(_node_addr(node), _key(key_file), "core", action="remove", name=name))
-    print(f"{name} left the core; voters: {', '.join(res['voters'])}")
+    _core_change("remove", name, node, key_file, as_json)
+
+
+def _core_change(action: str, name: str, node: Optional[str], key_file: Optional[Path], as_json: bool) -> None:
+    res = _run(_call(_node_addr(node), _key(key_file), "core", action=action, name=name))
+    voters = [str(v) for v in res["voters"]]
+    if as_json:
+        print(json.dumps({"name": name, "action": action, "voters": voters}))
+    elif action == "add":
+        print(f"{name} is a core member; voters: {', '.join(voters)}")
+    else:
+        print(f"{name} left the core; voters: {', '.join(voters)}")
 
 
 @app.command()

@@ -196,6 +196,11 @@ class Client:
         frame = await self._conn().request({"t": "jobs"}, timeout=15.0)
         return list(msgpack.unpackb(frame.payload))
 
+    async def events(self, job_id: str = "", after: int = 0) -> tuple[str, list[dict[str, Any]]]:
+        """(the job's state, its events after sequence number ``after``); every job's without an id."""
+        frame = await self._conn().request({"t": "events", "job": job_id, "after": after}, timeout=15.0)
+        return str(frame.header.get("state", "")), list(msgpack.unpackb(frame.payload))
+
     async def job(self, job_id: str) -> dict[str, Any]:
         """One job with its tasks (where each ran, attempts, statistics)."""
         frame = await self._conn().request({"t": "job", "id": job_id}, timeout=15.0)
@@ -263,11 +268,16 @@ class Failover:
         return client
 
     async def run(self, op: Callable[[Client], Any], what: str) -> Any:
-        """Run ``op`` against a member; on a lost connection move on to the next, with backoff."""
+        """Run ``op`` against a member; on a lost connection move on to the next, with backoff.
+
+        It gives up after ``patience`` seconds of failures; an attempt that ran longer than that
+        before it failed (a long ``wait``) was working, so the next failure starts a new window.
+        """
         deadline = time.monotonic() + self.patience
         delay, errors = 0.2, []
         while True:
             addr = self.addrs[self.current % len(self.addrs)]
+            started = time.monotonic()
             try:
                 return await op(await self._client(addr))
             except (ConnectionLost, RetryLater) as exc:
@@ -277,6 +287,8 @@ class Failover:
                     raise
                 errors.append(f"{addr}: {exc}")
             self.close()
+            if time.monotonic() - started > self.patience:
+                deadline, delay = time.monotonic() + self.patience, 0.2
             if time.monotonic() > deadline:
                 raise PdpError(f"could not {what} through any member in {self.patience:g} s: {'; '.join(errors[-3:])}")
             self.current += 1
@@ -298,20 +310,74 @@ async def run_job(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Submit, wait and fetch the result, surviving the loss of any one member."""
     async with Failover(addrs, cred) as party:
+        await submit_job(party, kind, inputs, job_id, **form)
+        return await follow_job(party, job_id, out, on_progress)
 
-        async def submit(c: Client) -> dict[str, Any]:
-            return await c.submit(kind, inputs, job_id, **form)
 
-        ack = await party.run(submit, f"submit {job_id}")
-        party.learn(list(ack.get("members") or []))
+class WaitTimeout(PdpError):
+    """The job did not end within the time the caller would wait; it goes on in the party."""
 
-        async def wait(c: Client) -> dict[str, Any]:
-            return await c.wait(job_id, on_progress)
+    code = "timeout"
 
-        summary = await party.run(wait, f"follow {job_id}")
 
-        async def fetch(c: Client) -> dict[str, Any]:
-            return await c.fetch_result(job_id, out)
+async def submit_job(party: Failover, kind: Any, inputs: list[Path], job_id: str, **form: Any) -> dict[str, Any]:
+    """Upload the inputs and queue the job through any member (a retry is safe: the id makes
+    submit idempotent); the party learns every member's address from the acknowledgement."""
 
-        head = await party.run(fetch, f"fetch the result of {job_id}")
-        return summary, head
+    async def submit(c: Client) -> dict[str, Any]:
+        return await c.submit(kind, inputs, job_id, **form)
+
+    ack: dict[str, Any] = await party.run(submit, f"submit {job_id}")
+    party.learn(list(ack.get("members") or []))
+    return ack
+
+
+async def job_state(party: Failover, job_id: str) -> str:
+    """The state of a job just accepted: ``queued`` while the member's copy of the log has not
+    shown it yet (the gateway that committed it has; another member may lag a moment)."""
+
+    async def state(c: Client) -> str:
+        try:
+            return str((await c.job(job_id))["state"])
+        except RemoteError as exc:
+            if exc.code in TRANSIENT:
+                raise
+            return "queued"
+
+    return str(await party.run(state, f"read the state of {job_id}"))
+
+
+async def follow_job(party: Failover, job_id: str, out: Path, on_progress: Progress | None = None,
+                     timeout: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Wait for the job (at most ``timeout`` seconds: then :class:`WaitTimeout`), then fetch its
+    result to ``out``; returns the job's final summary and the result's head (size, keys, sha256)."""
+
+    async def wait(c: Client) -> dict[str, Any]:
+        return await c.wait(job_id, on_progress)
+
+    try:
+        summary = await asyncio.wait_for(party.run(wait, f"follow {job_id}"), timeout)
+    except asyncio.TimeoutError:
+        summary = await _ended(party, job_id, timeout or 0.0)
+
+    async def fetch(c: Client) -> dict[str, Any]:
+        return await c.fetch_result(job_id, out)
+
+    head = await party.run(fetch, f"fetch the result of {job_id}")
+    return summary, head
+
+
+async def _ended(party: Failover, job_id: str, timeout: float) -> dict[str, Any]:
+    """After a wait timed out: the job's summary if it is done after all (``timeout`` 0 asks
+    once), its failure as PdpError, else :class:`WaitTimeout`."""
+    gone = WaitTimeout(f"job {job_id} did not end within {timeout:g} s; it goes on "
+                       f"(`pdp wait {job_id}` again, or `pdp cancel {job_id}`)")
+    try:
+        job = await asyncio.wait_for(party.run(lambda c: c.job(job_id), f"read the state of {job_id}"), 15.0)
+    except asyncio.TimeoutError:
+        raise gone from None
+    if job["state"] == "done":
+        return dict(job)
+    if job["state"] in ("failed", "cancelled"):
+        raise PdpError(f"job {job_id} {'failed' if job['state'] == 'failed' else 'was'}: {job['error']}")
+    raise gone

@@ -10,6 +10,7 @@ The owner's limits (memory, disk, nice, hours, ...) are parsed and applied by
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 import tomllib
@@ -26,7 +27,7 @@ DEFAULT_PORT = 7700
 MIN_MEMORY = 32 * MiB
 ON_PAUSE = ("finish", "hand_back")
 # Settings a running node cannot change: a reload reports them and keeps the old values.
-RESTART_ONLY = frozenset({"name", "listen", "advertise", "peers", "data_dir", "allow_code"})
+RESTART_ONLY = frozenset({"name", "listen", "advertise", "peers", "data_dir", "allow_code", "dashboard"})
 GONE = {"key_file": "nodes have their own identity now (<data_dir>/node.pem, see `pdp id`): delete key_file",
         "raft_port": "Raft shares the one data port now: delete raft_port"}
 
@@ -64,6 +65,7 @@ class NodeConfig:
     on_pause: str = "finish"  # "finish": running tasks finish; "hand_back": they run elsewhere at once
     backup_tasks: bool = True  # master: near a phase's end, a straggler gets a backup copy on a faster member
     allow_code: bool = False  # run users' job code (job files) here; built-in jobs always run
+    dashboard: str = "127.0.0.1:7780"  # the web dashboard and /metrics (HOST:PORT on loopback, or "off")
     sort_mb: float = 0.0  # a task's sort buffer in MiB; 0 = 32, or a quarter of ``memory`` if that is less
 
     @property
@@ -133,6 +135,7 @@ class NodeConfig:
             raise ConfigError(f"sort_mb = {self.sort_mb!r}: must be a number of MiB (0: 32, or a quarter of memory)")
         if self.memory and self.sort_mb * MiB > self.memory / 2:
             raise ConfigError(f"sort_mb = {self.sort_mb}: must be at most half of memory ({format_size(self.memory)})")
+        dashboard_address(self.dashboard)
         for key in ("pause_on_battery", "backup_tasks", "allow_code"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: must be true or false")
@@ -152,6 +155,27 @@ def _check_addr(label: str, addr: str) -> None:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def dashboard_address(addr: Any) -> tuple[str, int] | None:
+    """(host, port) the dashboard listens on, or None for ``off``; ConfigError for a bad or
+    non-loopback address (anyone who reaches the port can read the page: loopback only)."""
+    if not isinstance(addr, str):
+        raise ConfigError(f"dashboard = {addr!r}: give HOST:PORT or off")
+    if addr.strip().lower() == "off":
+        return None
+    host, sep, port = addr.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"dashboard = {addr!r}: give HOST:PORT (for example 127.0.0.1:7780) or off")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"dashboard = {addr!r}: the dashboard listens on loopback only (127.0.0.1 or ::1); "
+                          "to watch from another machine use an SSH tunnel: ssh -L 7780:127.0.0.1:7780 HOST")
+    return host, int(port)
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:

@@ -152,7 +152,7 @@ class LocalParty:
     def start_node(self, i: int, peers: list[int] | None = None) -> None:
         name = self.names[i]
         peers = [j for j in range(self.n) if j != i] if peers is None else peers
-        settings = {"cpus": self.cpus, **self.settings, **self.node_settings.get(i, {})}
+        settings = {"cpus": self.cpus, "dashboard": "off", **self.settings, **self.node_settings.get(i, {})}
         self.write_config(i, settings)
         args = [sys.executable, "-m", "pdp", "node", "--name", name, "--listen", self.addr(i),
                 "--data-dir", str(self.root / name),

@@ -21,7 +21,7 @@ REQUIRED: dict[str, str] = {
     # anyone holding a join token (no identity yet)
     "join": "anonymous",
     # users
-    "submit": "user", "wait": "user", "result": "user", "status": "user", "jobs": "user", "job": "user",
+    "submit": "user", "wait": "user", "result": "user", "status": "user", "jobs": "user", "job": "user", "events": "user",
     "cancel": "user", "whoami": "user",
     # admins
     "invite": "admin", "invites": "admin", "withdraw": "admin", "uninvite": "admin", "core": "admin",

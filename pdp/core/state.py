@@ -898,6 +898,7 @@ class State:
     def _rerun(self, job: Job, task: Task, reason: str) -> None:
         task.state, task.node, task.stats, task.runs = "pending", "", {}, {}
         job.reruns[reason] = job.reruns.get(reason, 0) + 1
+        _event(self, "rerun", job.id, f"{task.phase} {task.index} runs again: {reason}")
 
     def _drop_run(self, job: Job, task: Task, attempt: int, reason: str) -> None:
         """Attempt ``attempt`` ends without a result: a backup carries on, else the task runs again."""
@@ -1070,25 +1071,22 @@ def _task_name(c: Cmd) -> str:
 
 def note_event(state: State, op: str, c: Cmd, res: Result) -> None:
     """Record what an applied command means to the people watching: elections, members
-    joining, lost and leaving, jobs submitted, re-runs and why, backups, steps, the end."""
+    joining, lost and leaving, jobs submitted, backups, the end. (Re-runs, with why, and
+    steps are recorded where they happen: ``_rerun``, ``_next_step``.)"""
     job = str(c.get("job") or c.get("id") or "")
     if op == "master":
         _event(state, "election", "", f"{c['name']} is master in term {c['term']}")
     elif op == "member":
         _event(state, "member", "", f"{c['name']} is a member ({c.get('cpus')} cpus)")
     elif op == "lost":
-        _event(state, "lost", "", f"member {c['node']} lost: its tasks run elsewhere")
+        _event(state, "lost", "", f"member {c['node']} lost: its tasks of {res.get('jobs', 0)} job(s) run again "
+                                  "elsewhere")
     elif op == "leave":
         _event(state, "left", "", f"{c.get('name')} left the party")
     elif op == "submit":
         _event(state, "submitted", job, f"job {job} submitted by {c.get('form', {}).get('submitter', '?')}")
     elif op == "assign" and c.get("backup"):
         _event(state, "backup", job, f"{_task_name(c)}: a backup attempt on {c['node']}")
-    elif op == "release":
-        _event(state, "rerun", job, f"{_task_name(c)} runs again: {c.get('reason', '')}")
-    elif op == "redo" and res.get("redone"):
-        _event(state, "rerun", job, f"{res['redone']} {c.get('phase')} output(s) unreachable on {c.get('holder')} "
-                                    "run again")
     elif op == "complete" and res.get("job_done"):
         _event(state, "done", job, f"job {job} done")
     elif op == "fail":

@@ -53,7 +53,7 @@ class Gateway:
                 "jobs": self._jobs, "invite": self._invite, "uninvite": self._uninvite, "core": self._core,
                 "invites": self._invites, "withdraw": self._withdraw, "join": self._join, "rekey": self._rekey,
                 "whoami": self._whoami,
-                "leave": self._leave, "cancel": self._cancel, "job": self._job_detail}
+                "leave": self._leave, "cancel": self._cancel, "job": self._job_detail, "events": self._events}
 
     def _job(self, job_id: str) -> Job | None:
         assert self.node.consensus is not None
@@ -522,6 +522,10 @@ class Gateway:
     # -- status / jobs --------------------------------------------------------------------
 
     async def _status(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        await stream.send({"t": "status", **await self.status_view()})
+
+    async def status_view(self) -> dict[str, Any]:
+        """The party as ``pdp status`` shows it: leader, term, Raft, members with health."""
         node = self.node
         assert node.consensus is not None
         raft = node.consensus.raft_status()
@@ -549,10 +553,10 @@ class Gateway:
             m["tasks"] = seen.get("tasks", [])
             m["paused"] = seen.get("paused", "")
         leader = master["name"] if master["term"] == raft["term"] and master["name"] else None
-        await stream.send({"t": "status", "node": node.name, "leader": leader, "term": raft["term"],
-                           "is_leader": node.master.is_master(), "raft": raft,
-                           "members": sorted(members.values(), key=lambda m: m["name"]), "jobs": jobs,
-                           "reruns": reruns, "invited": invited})
+        return {"node": node.name, "leader": leader, "term": raft["term"],
+                "is_leader": node.master.is_master(), "raft": raft,
+                "members": sorted(members.values(), key=lambda m: m["name"]), "jobs": jobs,
+                "reruns": reruns, "invited": invited}
 
     async def _live_view(self, master: dict[str, Any]) -> dict[str, Any]:
         if not master["name"]:
@@ -579,6 +583,20 @@ class Gateway:
                       "stats": dict(t.stats)} for t in job.maps + job.reduces]
             summary = job_summary(job)
         await stream.send({"t": "job", **summary}, msgpack.packb(tasks))  # tasks: too many for a header
+
+    async def _events(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+        """The party's recent events after sequence number ``after``; only those of job
+        ``job`` if one is named (with its state, so a follower knows when to stop)."""
+        job_id, after = str(hdr.get("job") or ""), int(hdr.get("after") or 0)
+        assert self.node.consensus is not None
+        with self.node.consensus.reading() as state:
+            job = state.jobs.get(job_id) if job_id else None
+            if job_id and job is None:
+                raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
+            events = [{"seq": e[0], "time": e[1], "kind": e[2], "job": e[3], "text": e[4]} for e in state.events
+                      if e[0] > after and (not job_id or e[3] == job_id)]
+        await stream.send({"t": "events", "state": job.state if job else "", "count": len(events)},
+                          msgpack.packb(events))
 
     async def _jobs(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         assert self.node.consensus is not None

@@ -44,6 +44,7 @@ from pdp.config import NodeConfig, changed_settings
 from pdp.raft.consensus import Consensus, ConsensusError
 from pdp.errors import AuthError, NotMaster, PdpError
 from pdp.fsutil import sums_path, check_range, check_sha256
+from pdp.node import sdnotify
 from pdp.node.limits import format_size, run_limited
 from pdp.core.state import ACTIVE
 from pdp.core.split import aligned_bounds
@@ -209,12 +210,15 @@ class Node:
             asyncio.create_task(self.master.run()),
             *self.worker.start(),
             asyncio.create_task(self._janitor()),
+            asyncio.create_task(sdnotify.keep_alive(self.registered)),  # systemd's watchdog
             loop.run_in_executor(self.pool, _warm),  # type: ignore[list-item]
         ]
+        dashboard = await self._start_dashboard()
         try:
             await self.stopping.wait()
         finally:
             log.info("node %s shutting down", self.name)
+            sdnotify.stopping(f"node {self.name} shutting down")
             server.close()
             for task in self.tasks:
                 task.cancel()
@@ -223,6 +227,8 @@ class Node:
                 conn.close()
             self.peers.close()
             self.raft.close()
+            if dashboard is not None:
+                await dashboard.stop()
             _stop_pool(self.pool)
             if self.consensus is not None:
                 self.consensus.close()
@@ -253,6 +259,25 @@ class Node:
             self.per_host[host] -= 1
             if not self.per_host[host]:
                 del self.per_host[host]
+
+    async def _start_dashboard(self) -> Any:
+        """The web dashboard and /metrics on ``dashboard`` (None if off or its port is taken:
+        the node runs on without it)."""
+        from pdp.config import dashboard_address
+        from pdp.node.dashboard import Dashboard, node_services
+
+        where = dashboard_address(self.config.dashboard)  # validated with the config: never raises here
+        if where is None:
+            return None
+        dashboard = Dashboard(node_services(self))
+        try:
+            port = await dashboard.start(*where)
+        except OSError as exc:
+            log.warning("no dashboard: cannot listen on %s (%s); set dashboard = \"HOST:PORT\" or off",
+                        self.config.dashboard, exc)
+            return None
+        self.dashboard_port = port
+        return dashboard
 
     async def _find_role(self) -> tuple[bool, list[str]]:
         """(voter?, the core's Raft ids): from a member that answers (the core may have
@@ -425,6 +450,7 @@ class Node:
                 return
             log.info("member %s joined the party%s", self.name, "" if self.voter else " as a worker")
             self.registered.set()
+            sdnotify.ready(f"member {self.name} joined the party")  # Type=notify: started
             return
 
     # -- shared helpers -----------------------------------------------------------------
