@@ -730,11 +730,13 @@ def leave(
 def demo(
     nodes: int = typer.Option(3, help="how many local nodes"),
     keep: bool = typer.Option(False, help="keep the temp dir (logs, spools) afterwards"),
+    chaos: bool = typer.Option(False, "--chaos", help="five nodes; kill a member, then the leader, mid-job; "
+                                                      "show what the party did and that the result is exact"),
 ) -> None:
     """Start a local party, word-count the bundled sample, check it against the oracle."""
-    from pdp.demo import run_demo
+    from pdp.demo import run_chaos_demo, run_demo
 
-    _run(run_demo(nodes, keep))
+    _run(run_chaos_demo(keep) if chaos else run_demo(nodes, keep))
 
 
 async def _with_client(addr: str, key: Credential, op: Callable[[Client], Awaitable[T]]) -> T:
