@@ -271,12 +271,11 @@ class Node:
             return None
         dashboard = Dashboard(node_services(self))
         try:
-            port = await dashboard.start(*where)
+            await dashboard.start(*where)
         except OSError as exc:
             log.warning("no dashboard: cannot listen on %s (%s); set dashboard = \"HOST:PORT\" or off",
                         self.config.dashboard, exc)
             return None
-        self.dashboard_port = port
         return dashboard
 
     async def _find_role(self) -> tuple[bool, list[str]]:
