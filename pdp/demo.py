@@ -86,19 +86,21 @@ async def run_chaos_demo(keep: bool = False) -> None:
         ready = await party.wait_ready(90.0)
         leader = party.names.index(ready["leader"])
         con.print(f"party ready; leader: [bold]{ready['leader']}[/bold] (term {ready['term']})")
-        addrs = [party.addr(i) for i in range(party.n)]
+        # the gateway keeps one copy of the input: submit through a member that is not killed
+        # (each input lives on two members; killing both holders would lose it)
+        gateway = next(i for i in range(party.n) if i != leader)
+        worker = next(i for i in range(party.n) if i not in (leader, gateway))
+        addrs = [party.addr(i) for i in [gateway, *range(party.n)] if i not in (worker, leader)]
         async with Failover(addrs, party.key, patience=120) as f:
             job_id = "demo-chaos"
             await f.run(lambda c: c.submit("chaos", [sample], job_id, comment="pdp demo --chaos",
                                            chunk_size=16 * 1024, reduces=4), "submit")
-            worker = next(i for i in range(party.n) if i != leader)
             await _when(f, job_id, 0.2)
             party.kill(worker)
             con.print(f"[red]killed member {party.names[worker]}[/red] (SIGKILL) with the job running")
             await _when(f, job_id, 0.5)
             party.kill(leader)
             con.print(f"[red]killed the leader {party.names[leader]}[/red] (SIGKILL)")
-            f.addrs = [a for i, a in enumerate(addrs) if i not in (worker, leader)]
             summary = await f.run(lambda c: c.wait(job_id), "wait")
             out = root / "result.tsv"
             await f.run(lambda c: c.fetch_result(job_id, out), "fetch")
