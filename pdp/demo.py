@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -23,15 +25,30 @@ def sample_path() -> Path:
     return Path(str(resources.files("pdp") / "data" / "sample.txt"))
 
 
+@contextlib.contextmanager
+def _workdir(prefix: str, keep: bool) -> Iterator[Path]:
+    """A temp dir for the demo's party; removed afterwards unless ``keep`` or the demo failed
+    (then its logs and spools are there to read)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    yield root
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_exact(out: Path, inputs: list[Path], root: Path) -> bytes:
+    """The result, if byte-identical to the sequential oracle's; else PdpError."""
+    got = out.read_bytes()
+    if got != oracle([str(p) for p in inputs]):
+        raise PdpError(f"the party's output differs from the sequential oracle (kept in {root})")
+    return got
+
+
 async def run_demo(nodes: int = 3, keep: bool = False) -> None:
     con = Console()
-    root = Path(tempfile.mkdtemp(prefix="pdp-demo-"))
     sample = sample_path()
-    party = LocalParty(root, n=nodes, cpus=1)
-    try:
+    with _workdir("pdp-demo-", keep) as root, LocalParty(root, n=nodes, cpus=1) as party:
         con.print(f"starting {nodes} nodes on 127.0.0.1 (logs in {root}) ...")
         t0 = time.monotonic()
-        party.start()
         ready = await party.wait_ready(60.0)
         con.print(f"party ready in {time.monotonic() - t0:.1f} s; leader: [bold]{ready['leader']}[/bold]")
         out = root / "result.tsv"
@@ -42,15 +59,7 @@ async def run_demo(nodes: int = 3, keep: bool = False) -> None:
             summary = await client.wait(job_id)
             await client.fetch_result(job_id, out)
         elapsed = time.monotonic() - t1
-        expected = oracle([str(sample)])
-        got = out.read_bytes()
-        if got != expected:
-            raise PdpError(f"the party's output differs from the sequential oracle (kept in {root})")
-        _report(con, got, summary, elapsed, sample)
-    finally:
-        party.stop()
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
+        _report(con, _check_exact(out, [sample], root), summary, elapsed, sample)
 
 
 def _report(con: Console, output: bytes, summary: dict, elapsed: float, sample: Path) -> None:
@@ -74,15 +83,13 @@ async def run_chaos_demo(keep: bool = False) -> None:
     killed mid-job, then the leader; a new leader is elected, lost tasks run again, and the
     result is still byte-identical to the sequential oracle."""
     con = Console()
-    root = Path(tempfile.mkdtemp(prefix="pdp-demo-chaos-"))
-    sample = root / "input.txt"
-    sample.write_bytes(sample_path().read_bytes() * CHAOS_COPIES)
     # the test-only job "chaos" is word count whose tasks each pause 50 ms: time to watch it happen
-    party = LocalParty(root / "party", n=CHAOS_NODES, cpus=1, env={"PDP_TEST_KINDS": "1", "PDP_CHAOS": "sleep=0.05"},
-                       settings={"heartbeat": 0.5, "dead_after": 2.0})
-    try:
+    env, settings = {"PDP_TEST_KINDS": "1", "PDP_CHAOS": "sleep=0.05"}, {"heartbeat": 0.5, "dead_after": 2.0}
+    with _workdir("pdp-demo-chaos-", keep) as root, \
+            LocalParty(root / "party", n=CHAOS_NODES, cpus=1, env=env, settings=settings) as party:
+        sample = root / "input.txt"
+        sample.write_bytes(sample_path().read_bytes() * CHAOS_COPIES)
         con.print(f"starting {CHAOS_NODES} nodes on 127.0.0.1 (logs in {root}) ...")
-        party.start()
         ready = await party.wait_ready(90.0)
         leader = party.names.index(ready["leader"])
         con.print(f"party ready; leader: [bold]{ready['leader']}[/bold] (term {ready['term']})")
@@ -106,13 +113,8 @@ async def run_chaos_demo(keep: bool = False) -> None:
             await f.run(lambda c: c.fetch_result(job_id, out), "fetch")
             status = await f.run(lambda c: c.call("status"), "status")
             _, events = await f.run(lambda c: c.events(), "events")
-        if out.read_bytes() != oracle([str(sample)]):
-            raise PdpError(f"the party's output differs from the sequential oracle (kept in {root})")
+        _check_exact(out, [sample], root)
         _chaos_report(con, summary, status, events, sample)
-    finally:
-        party.stop()
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 async def _when(f: Failover, job_id: str, fraction: float) -> None:

@@ -4,6 +4,7 @@ parties running the test-only `chaos` job kind with short leases."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,16 +25,24 @@ def corpus() -> list[Path]:
     return files
 
 
-@pytest.fixture(scope="module")
-def party(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalParty]:
-    """Three real `pdp node` processes on 127.0.0.1, ready (one leader, every member beating)."""
-    p = LocalParty(tmp_path_factory.mktemp("party"), n=3, cpus=1, users=("ann", "bob"))
+@contextlib.contextmanager
+def ready_party(root: Path, **kwargs: Any) -> Iterator[LocalParty]:
+    """A started LocalParty, ready (one leader, every member beating); stopped afterwards,
+    also when it never got ready. For module-scoped party fixtures."""
+    p = LocalParty(root, **kwargs)
     p.start()
     try:
         asyncio.run(p.wait_ready(60.0))
         yield p
     finally:
         p.stop()
+
+
+@pytest.fixture(scope="module")
+def party(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalParty]:
+    """Three real `pdp node` processes on 127.0.0.1, ready."""
+    with ready_party(tmp_path_factory.mktemp("party"), n=3, cpus=1, users=("ann", "bob")) as p:
+        yield p
 
 
 FAST = {"heartbeat": 0.5, "dead_after": 2.0, "stall_after": 20.0}

@@ -5,7 +5,6 @@ through the loss of the member it talks to), and the exit codes are the README's
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ from typer.testing import CliRunner
 from pdp import cli
 from pdp.jobs.builtin.wordcount import oracle
 from pdp.local import LocalParty
+from conftest import FAST, ready_party
 
 SLEEP = 2.0  # each `chaos` map and reduce call sleeps this long: a job that takes a few seconds
 STATES = {"queued", "mapping", "reducing", "assembling", "done", "failed", "cancelled"}
@@ -50,15 +50,9 @@ JOB_COUNTS = {"queued", "running", "done", "failed", "cancelled"}
 @pytest.fixture(scope="module")
 def party(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalParty]:
     """One party for the whole module: three real nodes that also run the slow `chaos` kind."""
-    p = LocalParty(tmp_path_factory.mktemp("jsonparty"), n=3, cpus=1,
-                   env={"PDP_TEST_KINDS": "1", "PDP_CHAOS": f"sleep={SLEEP}"},
-                   settings={"heartbeat": 0.5, "dead_after": 2.0, "stall_after": 20.0})
-    p.start()
-    try:
-        asyncio.run(p.wait_ready(60.0))
+    with ready_party(tmp_path_factory.mktemp("jsonparty"), n=3, cpus=1,
+                     env={"PDP_TEST_KINDS": "1", "PDP_CHAOS": f"sleep={SLEEP}"}, settings=FAST) as p:
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +247,9 @@ def test_ctrl_c_exits_130(party: LocalParty, text: Path, tmp_path: Path) -> None
     proc.stderr.readline()  # the first progress line: it is waiting
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 130
-    assert pdp(party, "wait", job_id, "-o", str(tmp_path / "out.tsv")).returncode == 0  # it went on
+    res = pdp(party, "wait", job_id, "-o", str(tmp_path / "out.tsv"))  # the job went on without its waiter
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out.tsv").read_bytes() == oracle([str(text)])
 
 
 def test_wait_survives_the_loss_of_its_member(party: LocalParty, text: Path, tmp_path: Path) -> None:

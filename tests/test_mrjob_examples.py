@@ -27,6 +27,7 @@ import pytest
 from pdp.client import Client, run_job
 from pdp.jobs.builtin.wordcount import oracle
 from pdp.local import LocalParty
+from conftest import ready_party
 
 mrjob = pytest.importorskip("mrjob")
 
@@ -303,16 +304,11 @@ _PARTIES: list[LocalParty] = []  # the module's party, stopped early by the test
 
 @pytest.fixture(scope="module")
 def party(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    p = LocalParty(tmp_path_factory.mktemp("code-party"), n=3, cpus=1,
-                   settings={"allow_code": True, "heartbeat": 0.5, "dead_after": 2.0},
-                   node_settings={NO_CODE: {"allow_code": False}})
-    _PARTIES.append(p)
-    p.start()
-    try:
-        asyncio.run(p.wait_ready(60))
+    with ready_party(tmp_path_factory.mktemp("code-party"), n=3, cpus=1,
+                     settings={"allow_code": True, "heartbeat": 0.5, "dead_after": 2.0},
+                     node_settings={NO_CODE: {"allow_code": False}}) as p:
+        _PARTIES.append(p)
         yield p
-    finally:
-        p.stop()
 
 
 def _job_detail(party: LocalParty, job_id: str) -> dict[str, Any]:

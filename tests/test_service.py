@@ -277,23 +277,26 @@ def test_install_is_idempotent(tmp_path: Path, home: Path) -> None:
     assert snapshot(root) == before
 
 
-def test_a_changed_config_updates_pdps_own_unit(tmp_path: Path, home: Path) -> None:
-    config = write_node(tmp_path, cpus=2)
+def user_unit_installed(tmp_path: Path, **node: object) -> tuple[Path, Path, Path]:
+    """(node config, staging root, the unit file) after a first `install --root` of a user unit."""
+    config = write_node(tmp_path, **node)
     root = tmp_path / "root"
-    assert invoke("install", "--root", str(root), "--config", str(config))[0] == 0
+    code, _, err = invoke("install", "--root", str(root), "--config", str(config))
+    assert code == 0, err
+    target = make_target("systemd", "user", root=root)
+    return config, root, target.on_disk(target.service_file)
+
+
+def test_a_changed_config_updates_pdps_own_unit(tmp_path: Path, home: Path) -> None:
+    config, root, path = user_unit_installed(tmp_path, cpus=2)
     config.write_text(config.read_text().replace("cpus = 2", "cpus = 3"))
     code, out, _ = invoke("install", "--root", str(root), "--config", str(config))
-    target = make_target("systemd", "user", root=root)
-    assert code == 0 and f"wrote {target.on_disk(target.service_file)} (update)" in out
-    assert "CPUQuota=300%" in target.on_disk(target.service_file).read_text()
+    assert code == 0 and f"wrote {path} (update)" in out
+    assert "CPUQuota=300%" in path.read_text()
 
 
 def test_an_edited_unit_is_kept_without_force(tmp_path: Path, home: Path) -> None:
-    config = write_node(tmp_path)
-    root = tmp_path / "root"
-    assert invoke("install", "--root", str(root), "--config", str(config))[0] == 0
-    target = make_target("systemd", "user", root=root)
-    path = target.on_disk(target.service_file)
+    config, root, path = user_unit_installed(tmp_path)
     edited = path.read_text().replace("RestartSec=5s", "RestartSec=30s")
     path.write_text(edited)
     code, out, err = invoke("install", "--root", str(root), "--config", str(config))
@@ -307,11 +310,7 @@ def test_an_edited_unit_is_kept_without_force(tmp_path: Path, home: Path) -> Non
 
 
 def test_uninstall_is_idempotent_and_keeps_edits_without_force(tmp_path: Path, home: Path) -> None:
-    config = write_node(tmp_path)
-    root = tmp_path / "root"
-    assert invoke("install", "--root", str(root), "--config", str(config))[0] == 0
-    target = make_target("systemd", "user", root=root)
-    path = target.on_disk(target.service_file)
+    config, root, path = user_unit_installed(tmp_path)
     code, out, _ = invoke("uninstall", "--root", str(root), "--dry-run")
     assert code == 0 and f"would remove {path}" in out and path.exists()
     code, out, _ = invoke("uninstall", "--root", str(root))

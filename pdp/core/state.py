@@ -49,6 +49,7 @@ Result = dict[str, Any]
 
 ACTIVE = ("queued", "mapping", "reducing", "assembling")
 MAX_ERROR = 2000
+MAX_EVENTS = 500  # the party's event log keeps the latest this many
 RATE_MIN_BYTES = 64 * 1024  # tasks smaller than this say more about overheads than speed
 RATE_WEIGHT = 0.3  # weight of the newest task in a member's average throughput
 
@@ -1028,6 +1029,12 @@ class State:
 
     # -- queries (read-only helpers for the shell) ---------------------------------------
 
+    def event_list(self, job: str = "", after: int = 0, limit: int = MAX_EVENTS) -> list[dict[str, Any]]:
+        """The latest ``limit`` events after sequence number ``after`` (only job ``job``'s if
+        one is named), oldest first, as ``{"seq", "time", "kind", "job", "text"}``."""
+        picked = [e for e in self.events if e[0] > after and (not job or e[3] == job)][-limit:]
+        return [{"seq": e[0], "time": e[1], "kind": e[2], "job": e[3], "text": e[4]} for e in picked]
+
     def active_jobs(self) -> list[Job]:
         return sorted((j for j in self.jobs.values() if j.state in ACTIVE), key=lambda j: j.seq)
 
@@ -1053,9 +1060,6 @@ class State:
             if t["token_hash"] == token_hash and now <= t["expires"]:
                 return {"name": name, "kind": t["kind"], "expires": t["expires"], "by": t["by"]}
         return None
-
-
-MAX_EVENTS = 500  # the party's event log keeps the latest this many
 
 
 def _event(state: State, kind: str, job: str, text: str) -> None:

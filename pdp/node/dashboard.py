@@ -70,8 +70,7 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
             "backups": job.backups, "counters": job.counters()}
 
 
-def events_view(state: State, limit: int = 100) -> list[dict[str, Any]]:
-    return [{"seq": e[0], "time": e[1], "kind": e[2], "job": e[3], "text": e[4]} for e in state.events[-limit:]]
+EVENTS_SHOWN = 100  # the page's and /api/events' latest events
 
 
 class Dashboard:
@@ -117,13 +116,18 @@ class Dashboard:
         self.metrics.saw_leader(status.get("leader"))
         return status
 
-    async def snapshot(self) -> dict[str, Any]:
-        status = await self._status_now()
+    def _jobs_now(self) -> list[dict[str, Any]]:
         with self.services.reading() as state:
             now = time.time()
-            jobs = [job_view(j, now) for j in sorted(state.jobs.values(), key=lambda j: j.seq)] if state else []
-            events = events_view(state) if state else []
-        return {"status": status, "jobs": jobs, "events": events, "at": time.time()}
+            return [job_view(j, now) for j in sorted(state.jobs.values(), key=lambda j: j.seq)] if state else []
+
+    def _events_now(self) -> list[dict[str, Any]]:
+        with self.services.reading() as state:
+            return state.event_list(limit=EVENTS_SHOWN) if state else []
+
+    async def snapshot(self) -> dict[str, Any]:
+        status = await self._status_now()
+        return {"status": status, "jobs": self._jobs_now(), "events": self._events_now(), "at": time.time()}
 
     async def _page(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "dashboard.html", headers=_NO_CACHE)
@@ -138,11 +142,10 @@ class Dashboard:
         return _json(await self._status_now())
 
     async def _jobs(self, request: web.Request) -> web.Response:
-        return _json((await self.snapshot())["jobs"])
+        return _json(self._jobs_now())
 
     async def _events(self, request: web.Request) -> web.Response:
-        with self.services.reading() as state:
-            return _json(events_view(state) if state else [])
+        return _json(self._events_now())
 
     async def _metrics(self, request: web.Request) -> web.Response:
         with contextlib.suppress(Exception):  # members by health from a fresh status, if there is one

@@ -593,8 +593,7 @@ class Gateway:
             job = state.jobs.get(job_id) if job_id else None
             if job_id and job is None:
                 raise PdpError(f"no job {job_id} in the party (check `pdp jobs`)")
-            events = [{"seq": e[0], "time": e[1], "kind": e[2], "job": e[3], "text": e[4]} for e in state.events
-                      if e[0] > after and (not job_id or e[3] == job_id)]
+            events = state.event_list(job_id, after)
         await stream.send({"t": "events", "state": job.state if job else "", "count": len(events)},
                           msgpack.packb(events))
 
