@@ -93,6 +93,8 @@ def node(
                                                        "or off (default 127.0.0.1:7780)"),
     log_file: Optional[Path] = typer.Option(None, help="log to this file instead of stderr, rotated at 10 MiB "
                                                        "(5 old files kept: FILE.1 ... FILE.5)"),
+    discover: Optional[bool] = typer.Option(None, "--discover", help="announce this node on the LAN by mDNS "
+                                                                      "(_pdp._tcp) and find the party's members there"),
 ) -> None:
     """Run a party member (the same process on every machine); `pdp party init` or `pdp join` first."""
     from logging.handlers import RotatingFileHandler
@@ -109,7 +111,7 @@ def node(
     if config is None and (default_config_file().exists() or os.environ.get("PDP_CONFIG")):
         config = default_config_file()  # a $PDP_CONFIG that names no file is an error, not silence
     overrides = {"name": name, "listen": listen, "advertise": advertise, "peers": tuple(peer), "data_dir": data_dir,
-                 "cpus": cpus, "dashboard": dashboard}
+                 "cpus": cpus, "dashboard": dashboard, "discover": discover}
     try:
         code = run_node(load_config(config, overrides), lambda: load_config(config, overrides))
     except PdpError as exc:
@@ -191,11 +193,13 @@ def join(
                                                      "the per-user config dir)"),
     key_file: KeyOpt = None,
     force: bool = typer.Option(False, help="replace an existing credential"),
+    discover: bool = typer.Option(False, "--discover", help="look for the token's members on the LAN by mDNS "
+                                                            "first (for when their addresses changed)"),
 ) -> None:
     """Join a party with a one-time token: make this machine's identity and register it."""
     from pdp.setup import join_party
 
-    print("\n".join(_run(join_party(token, data_dir, listen, advertise, config, key_file, force))))
+    print("\n".join(_run(join_party(token, data_dir, listen, advertise, config, key_file, force, discover))))
 
 
 JOB_HELP = "a built-in job (wordcount, grep, indexer, sort) or a job file JOB.py[:ClassName]"
@@ -652,6 +656,30 @@ def invites(
     for r in listing["identities"]:
         ids.add_row(Text(r["name"]), r["kind"] + (" (admin)" if r["admin"] else ""), display_id(r["fp"]))
     Console().print(table, ids)
+
+
+@app.command()
+def discover(
+    timeout: float = typer.Option(3.0, min=0.1, max=60, help="seconds to listen"),
+    as_json: bool = typer.Option(False, "--json", help='print [{"name", "id", "fp", "addrs": ["HOST:PORT"]}]'),
+) -> None:
+    """The pdp nodes announcing themselves on this LAN (`pdp node --discover`): names,
+    ids and addresses as they claim them; compare an id with what `pdp id` prints there."""
+    from pdp.net.discovery import browse
+
+    found = _run(browse(timeout))
+    rows = [{"name": f.name, "id": display_id(f.fp), "fp": f.fp, "addrs": list(f.addrs)} for f in found]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    if not rows:
+        _error(f"no pdp node announced itself on this LAN within {timeout:g} s "
+               "(members announce themselves with `pdp node --discover`)")
+        raise typer.Exit(1)
+    table = Table("name", "id", "addresses")
+    for f in found:
+        table.add_row(Text(f.name), display_id(f.fp), ", ".join(f.addrs))
+    Console().print(table)
 
 
 @app.command()

@@ -27,7 +27,7 @@ DEFAULT_PORT = 7700
 MIN_MEMORY = 32 * MiB
 ON_PAUSE = ("finish", "hand_back")
 # Settings a running node cannot change: a reload reports them and keeps the old values.
-RESTART_ONLY = frozenset({"name", "listen", "advertise", "peers", "data_dir", "allow_code", "dashboard"})
+RESTART_ONLY = frozenset({"name", "listen", "advertise", "peers", "data_dir", "allow_code", "dashboard", "discover"})
 GONE = {"key_file": "nodes have their own identity now (<data_dir>/node.pem, see `pdp id`): delete key_file",
         "raft_port": "Raft shares the one data port now: delete raft_port"}
 
@@ -66,6 +66,7 @@ class NodeConfig:
     backup_tasks: bool = True  # master: near a phase's end, a straggler gets a backup copy on a faster member
     allow_code: bool = False  # run users' job code (job files) here; built-in jobs always run
     dashboard: str = "127.0.0.1:7780"  # the web dashboard and /metrics (HOST:PORT on loopback, or "off")
+    discover: bool = False  # announce this node on the LAN by mDNS and find members there (pdp.net.discovery)
     sort_mb: float = 0.0  # a task's sort buffer in MiB; 0 = 32, or a quarter of ``memory`` if that is less
 
     @property
@@ -136,7 +137,7 @@ class NodeConfig:
         if self.memory and self.sort_mb * MiB > self.memory / 2:
             raise ConfigError(f"sort_mb = {self.sort_mb}: must be at most half of memory ({format_size(self.memory)})")
         dashboard_address(self.dashboard)
-        for key in ("pause_on_battery", "backup_tasks", "allow_code"):
+        for key in ("pause_on_battery", "backup_tasks", "allow_code", "discover"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: must be true or false")
         if self.on_pause not in ON_PAUSE:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +103,12 @@ def _node_spec(text: str) -> tuple[str, str]:
 
 
 async def join_party(token_text: str, data_dir: Path | None, listen: str, advertise: str | None,
-                     config: Path | None, cred_path: Path | None, force: bool) -> list[str]:
-    """``pdp join TOKEN``: make this machine's identity and register it with the party."""
+                     config: Path | None, cred_path: Path | None, force: bool, discover: bool = False) -> list[str]:
+    """``pdp join TOKEN``: make this machine's identity and register it with the party
+    (with ``discover``, at the addresses its pinned members announce on the LAN first)."""
     token = parse_token(token_text)
+    if discover:
+        token = await _with_discovered(token)
     if token.kind == "user":
         path = cred_path or default_credential_path()
         if path.exists() and not force:
@@ -127,6 +131,21 @@ async def join_party(token_text: str, data_dir: Path | None, listen: str, advert
     _write_config(conf, token.name, listen, addr, data_dir, force=True)
     start = "pdp node" + ("" if config is None else f" --config {conf}")
     return [f"joined as node {token.name}: id {ident.display}", f"settings in {conf}; start it with `{start}`"]
+
+
+async def _with_discovered(token: Token, seconds: float = 3.0) -> Token:
+    """``token`` with the LAN addresses of its pinned members put before its own (an
+    announcement of any other fingerprint is ignored; a forged one fails the pin check)."""
+    from dataclasses import replace
+
+    from pdp.net.discovery import browse
+
+    found = await browse(seconds, set(token.pins))
+    addrs = [a for f in found for a in f.addrs]
+    if not addrs:
+        print(f"pdp: none of the party's members announced itself on the LAN within {seconds:g} s; "
+              "trying the token's addresses", file=sys.stderr)
+    return replace(token, addrs=tuple(dict.fromkeys([*addrs, *token.addrs])))
 
 
 async def _redeem(token: Token, ident: Identity) -> dict[str, Any]:

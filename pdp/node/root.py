@@ -158,6 +158,7 @@ class Node:
         self.exit_code = 0
         self.voter = True
         self.registered = asyncio.Event()
+        self.found_peers: list[str] = []  # members' addresses found by mDNS (``discover``)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -214,6 +215,7 @@ class Node:
             loop.run_in_executor(self.pool, _warm),  # type: ignore[list-item]
         ]
         dashboard = await self._start_dashboard()
+        announcer = await self._announce()
         try:
             await self.stopping.wait()
         finally:
@@ -229,6 +231,8 @@ class Node:
             self.raft.close()
             if dashboard is not None:
                 await dashboard.stop()
+            if announcer is not None:
+                await announcer.close()
             _stop_pool(self.pool)
             if self.consensus is not None:
                 self.consensus.close()
@@ -260,6 +264,23 @@ class Node:
             if not self.per_host[host]:
                 del self.per_host[host]
 
+    async def _announce(self) -> Any:
+        """This node's mDNS announcement with ``discover`` (None without, or when it cannot be
+        made: the node runs on, dialable at its configured address)."""
+        from zeroconf import Error as ZeroconfError
+
+        from pdp.net.discovery import Announcer
+
+        if not self.config.discover:
+            return None
+        announcer = Announcer(self.name, self.ident.fp, self.config.advertise_addr)
+        try:
+            return announcer if await announcer.start() else None
+        except (OSError, ZeroconfError) as exc:
+            log.warning("discovery: cannot announce this node on the LAN: %s", exc)
+            await announcer.close()
+            return None
+
     async def _start_dashboard(self) -> Any:
         """The web dashboard and /metrics on ``dashboard`` (None if off or its port is taken:
         the node runs on without it)."""
@@ -281,18 +302,37 @@ class Node:
     async def _find_role(self) -> tuple[bool, list[str]]:
         """(voter?, the core's Raft ids): from a member that answers (the core may have
         changed while this node was away), else from this node's party file."""
-        info = await self._ask_party() if self.config.peers else None
+        if self.config.discover:
+            self.found_peers = await self._discover_peers()
+        info = await self._ask_party() if self.config.peers or self.found_peers else None
         if info is not None:
             self.party.voter, self.party.core = self.config.raft_addr in info["core"], sorted(info["core"])
             self.party.save()
         return self.party.voter, sorted(self.party.core)
+
+    async def _discover_peers(self, seconds: float = 3.0) -> list[str]:
+        """Addresses of the party's other nodes announced on the LAN (only fingerprints
+        this node's party file knows: a stranger's announcement is not even dialed)."""
+        from zeroconf import Error as ZeroconfError
+
+        from pdp.net.discovery import browse
+
+        want = {fp for fp, r in self.party.known.items() if r.get("kind") == "node" and fp != self.ident.fp}
+        try:
+            found = await browse(seconds, want) if want else []
+        except (OSError, ZeroconfError) as exc:
+            log.warning("discovery: cannot browse the LAN (%s); using the configured peers only", exc)
+            return []
+        addrs = [a for f in found for a in f.addrs if a != self.config.advertise_addr]
+        log.info("discovery: found %d member(s) on the LAN%s", len(found), f": {', '.join(addrs)}" if addrs else "")
+        return addrs
 
     async def _ask_party(self, patience: float = 10.0) -> dict[str, Any] | None:
         """What a peer knows of the party: None if none answers with a master."""
         deadline = time.monotonic() + patience
         while True:
             answers = []
-            for addr in self.config.peers:
+            for addr in dict.fromkeys([*self.config.peers, *self.found_peers]):
                 try:
                     frame = await self.peers.request(addr, {"t": "party_info"}, timeout=3.0)
                     answers.append(frame.header)
