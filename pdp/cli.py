@@ -89,8 +89,9 @@ def node(
     cpus: Optional[int] = typer.Option(None, help="task slots this node gives (default: all cores)"),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="log debug detail"),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="log warnings and errors only"),
-    dashboard: Optional[str] = typer.Option(None, help="the web dashboard and /metrics: HOST:PORT on loopback, "
-                                                       "or off (default 127.0.0.1:7780)"),
+    dashboard: Optional[str] = typer.Option(None, help="the web dashboard and /metrics: HOST:PORT (beyond loopback: "
+                                                       "HTTPS for party identities only), or off "
+                                                       "(default 127.0.0.1:7780)"),
     log_file: Optional[Path] = typer.Option(None, help="log to this file instead of stderr, rotated at 10 MiB "
                                                        "(5 old files kept: FILE.1 ... FILE.5)"),
     discover: Optional[bool] = typer.Option(None, "--discover", help="announce this node on the LAN by mDNS "
@@ -202,7 +203,8 @@ def join(
     print("\n".join(_run(join_party(token, data_dir, listen, advertise, config, key_file, force, discover))))
 
 
-JOB_HELP = "a built-in job (wordcount, grep, indexer, sort) or a job file JOB.py[:ClassName]"
+JOB_HELP = ("a built-in job (wordcount, grep, indexer, sort; train, predict, stats have their own commands) "
+            "or a job file JOB.py[:ClassName]")
 DATA_TYPE_HELP = "text, csv (a header row, then records) or jsonl; default: from the file extension"
 
 
@@ -322,6 +324,111 @@ def _outcome(job_id: str, out: Path, summary: dict[str, Any], head: dict[str, An
 
 def _outcome_line(result: dict[str, Any]) -> str:
     return f"{result['id']}: {result['keys']} keys, {result['size']} bytes -> {result['output']}"
+
+
+TRAIN_PARAMS = ("NAME=VALUE (repeatable). linear: alpha (ridge, default 0); logistic: C (1.0), tol (1e-4), "
+                "max_iter (100); naive-bayes: kind (gaussian or multinomial), alpha (1.0), var_smoothing (1e-9); "
+                "kmeans: k (required), seed (0), tol (1e-4), max_iter (300)")
+
+
+@app.command()
+def train(
+    algorithm: str = typer.Argument(..., help="linear, logistic, naive-bayes or kmeans"),
+    inputs: list[Path] = typer.Argument(..., help="CSV (with a header row) or JSON Lines files on this machine"),
+    output: Path = typer.Option(..., "--output", "-o", help="the model file to write (JSON, format pdp-model/1)"),
+    target: Optional[str] = typer.Option(None, help="the column to predict (not for kmeans)"),
+    features: list[str] = typer.Option([], help="the feature columns, comma-separated or repeated "
+                                                "(default: every column but the target)"),
+    param: list[str] = typer.Option([], "--param", "-p", help=TRAIN_PARAMS),
+    missing: str = typer.Option("drop", help="rows with a missing value: drop them, or mean: impute numeric "
+                                             "features with the column mean (a missing target is dropped)"),
+    data_type: Optional[str] = typer.Option(None, help=DATA_TYPE_HELP),
+    chunk_mb: Optional[float] = typer.Option(None, min=0.004, help="map chunk size in MiB (default: the node's)"),
+    node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help="print the outcome as one JSON object (as `pdp submit --json`)"),
+    key_file: KeyOpt = None,
+) -> None:
+    """Fit a model over the party in rounds: `pdp train logistic data.csv --target y -o model.json`."""
+    from pdp.train.models import ALGORITHMS
+
+    if algorithm not in ALGORITHMS:
+        _error(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        raise typer.Exit(2)
+    if missing not in ("drop", "mean"):
+        _error(f"--missing {missing!r}: choose drop or mean")
+        raise typer.Exit(2)
+    _check_output_dir(output)
+    cols = [c.strip() for f in features for c in f.split(",") if c.strip()]
+    args = ["--algorithm", algorithm, "--missing", missing, *(["--target", target] if target else []),
+            *(["--features", ",".join(cols)] if cols else []), *(a for p in param for a in ("--param", p))]
+    _run_builtin("train", inputs, output, args, data_type, chunk_mb, node, as_json, key_file, f"train {algorithm}")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="a model file from `pdp train`"),
+    inputs: list[Path] = typer.Argument(..., help="CSV or JSON Lines files with the model's feature columns"),
+    output: Path = typer.Option(..., "--output", "-o", help="where to write one JSON line per input record"),
+    data_type: Optional[str] = typer.Option(None, help=DATA_TYPE_HELP),
+    chunk_mb: Optional[float] = typer.Option(None, min=0.004, help="map chunk size in MiB (default: the node's)"),
+    node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help="print the outcome as one JSON object (as `pdp submit --json`)"),
+    key_file: KeyOpt = None,
+) -> None:
+    """Apply a model to new data, a map-only job: `{"prediction": ...}` per record, in input order."""
+    from pdp.jobs.builtin.train import check_model
+
+    try:
+        model_file = check_model(json.loads(model.read_text(encoding="utf-8")))
+    except (OSError, ValueError, PdpError) as exc:
+        _error(f"{model}: {exc}")
+        raise typer.Exit(1) from None
+    _check_output_dir(output)
+    _run_builtin("predict", inputs, output, [], data_type, chunk_mb, node, as_json, key_file,
+                 f"predict {model.name}", model=model_file)
+
+
+@app.command()
+def stats(
+    inputs: list[Path] = typer.Argument(..., help="CSV (with a header row) or JSON Lines files on this machine"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also keep the JSON here"),
+    data_type: Optional[str] = typer.Option(None, help=DATA_TYPE_HELP),
+    chunk_mb: Optional[float] = typer.Option(None, min=0.004, help="map chunk size in MiB (default: the node's)"),
+    node: NodeOpt = None,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object keyed by column name: count, missing, "
+                                                        "mean, std, min, max, quantiles, ..."),
+    key_file: KeyOpt = None,
+) -> None:
+    """Column statistics over the party: count, missing, mean, std, min, max, quantiles, distinct, top values."""
+    import tempfile
+
+    from pdp.train.stats import render
+
+    with tempfile.TemporaryDirectory(prefix="pdp-stats-") as tmp:
+        out = output or Path(tmp) / "stats.json"
+        _check_output_dir(out)
+        _run_builtin("stats", inputs, out, [], data_type, chunk_mb, node, None, key_file, "stats")
+        result = json.loads(out.read_text(encoding="utf-8"))
+    if as_json:
+        print(json.dumps(result))
+    else:  # a pipe or a file gets the whole table, not one squeezed into 80 columns
+        Console(width=None if sys.stdout.isatty() else 220).print(render(result))
+
+
+def _run_builtin(kind: str, inputs: list[Path], out: Path, args: list[str], data_type: Optional[str],
+                 chunk_mb: Optional[float], node: Optional[str], as_json: Optional[bool], key_file: Optional[Path],
+                 comment: str, model: Any = None) -> None:
+    """Submit a built-in job, wait and write its result to ``out``; ``as_json`` None: quietly."""
+    job_id = new_job_id(kind)
+    form: dict[str, Any] = {"comment": comment, "data_type": data_type or "text/utf-8", "output": str(out),
+                            "priority": 0, "args": args, "model": model}
+    if chunk_mb:
+        form["chunk_size"] = int(chunk_mb * 1024 * 1024)
+    result = _run(_submit(_node_addr(node), _key(key_file), kind, inputs, job_id, out, form, False, as_json is not False))
+    if as_json:
+        print(json.dumps(result))
+    elif as_json is False:
+        print(f"{result['id']}: {result['size']} bytes -> {result['output']}")
 
 
 @app.command("wait")
@@ -656,6 +763,42 @@ def invites(
     for r in listing["identities"]:
         ids.add_row(Text(r["name"]), r["kind"] + (" (admin)" if r["admin"] else ""), display_id(r["fp"]))
     Console().print(table, ids)
+
+
+@app.command("export-cert")
+def export_cert(
+    pem: Optional[Path] = typer.Option(None, help="write your key and certificate as one PEM file (curl --cert, "
+                                                  "Prometheus tls_config cert_file and key_file)"),
+    p12: Optional[Path] = typer.Option(None, help="write them as PKCS#12 for a browser's certificate store (asks "
+                                                  "for a password, or takes $PDP_P12_PASSWORD)"),
+    key_file: KeyOpt = None,
+) -> None:
+    """Your user certificate for a dashboard beyond loopback (HTTPS: it answers party identities only)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    from cryptography.x509 import load_pem_x509_certificate
+
+    from pdp.identity import write_private
+
+    if pem is None and p12 is None:
+        _error("give --pem FILE and/or --p12 FILE")
+        raise typer.Exit(2)
+    cred = _key(key_file)
+    ident = cred.identity
+    if pem is not None:
+        write_private(pem, ident.key_pem + ident.cert_pem)
+        print(f"wrote {pem} (private: keep it to yourself): curl --cert {pem} -k https://HOST:7780/api/status")
+    if p12 is not None:
+        password = os.environ.get("PDP_P12_PASSWORD") or typer.prompt("password for the PKCS#12 file",
+                                                                      hide_input=True, confirmation_prompt=True)
+        key = serialization.load_pem_private_key(ident.key_pem.encode(), None)
+        cert = load_pem_x509_certificate(ident.cert_pem.encode())
+        data = pkcs12.serialize_key_and_certificates(
+            f"pdp {ident.name}".encode(), key, cert, None,  # type: ignore[arg-type]
+            serialization.BestAvailableEncryption(password.encode()))
+        write_private(p12, "")
+        p12.write_bytes(data)
+        print(f"wrote {p12}: import it into your browser's certificates (Settings > Privacy > Certificates)")
 
 
 @app.command()

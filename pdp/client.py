@@ -116,6 +116,9 @@ class Client:
         prepared = prepare(job, list(args or []))
         job_id = job_id or new_job_id(prepared.kind.replace("_", "-")[:40])
         spec = dict(prepared.spec)
+        if form.get("model") is not None:  # what every map gets (`pdp predict`'s model file)
+            spec["model"] = form.pop("model")
+        form.pop("model", None)
         if form.get("data_type") and form["data_type"] != "text/utf-8":
             spec["data_type"] = form["data_type"]
         header = {"t": "submit", "id": job_id, "kind": prepared.kind, "spec": spec, "steps": prepared.steps,

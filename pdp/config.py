@@ -65,7 +65,7 @@ class NodeConfig:
     on_pause: str = "finish"  # "finish": running tasks finish; "hand_back": they run elsewhere at once
     backup_tasks: bool = True  # master: near a phase's end, a straggler gets a backup copy on a faster member
     allow_code: bool = False  # run users' job code (job files) here; built-in jobs always run
-    dashboard: str = "127.0.0.1:7780"  # the web dashboard and /metrics (HOST:PORT on loopback, or "off")
+    dashboard: str = "127.0.0.1:7780"  # the web dashboard and /metrics (HOST:PORT, or "off"); HTTPS beyond loopback
     discover: bool = False  # announce this node on the LAN by mDNS and find members there (pdp.net.discovery)
     sort_mb: float = 0.0  # a task's sort buffer in MiB; 0 = 32, or a quarter of ``memory`` if that is less
 
@@ -159,24 +159,27 @@ _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 
 
 def dashboard_address(addr: Any) -> tuple[str, int] | None:
-    """(host, port) the dashboard listens on, or None for ``off``; ConfigError for a bad or
-    non-loopback address (anyone who reaches the port can read the page: loopback only)."""
+    """(host, port) the dashboard listens on, or None for ``off``; ConfigError for a bad one.
+    Beyond loopback it is HTTPS that asks every client for a party identity's certificate
+    (:func:`dashboard_is_private`)."""
     if not isinstance(addr, str):
         raise ConfigError(f"dashboard = {addr!r}: give HOST:PORT or off")
     if addr.strip().lower() == "off":
         return None
     host, sep, port = addr.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"dashboard = {addr!r}: give HOST:PORT (for example 127.0.0.1:7780) or off")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ConfigError(f"dashboard = {addr!r}: the dashboard listens on loopback only (127.0.0.1 or ::1); "
-                          "to watch from another machine use an SSH tunnel: ssh -L 7780:127.0.0.1:7780 HOST")
     return host, int(port)
+
+
+def dashboard_is_private(host: str) -> bool:
+    """Whether a dashboard on ``host`` is reachable from this machine only (plain HTTP, no
+    credential); anything else is served over mutual TLS to the party's identities."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:

@@ -70,15 +70,91 @@ def browser() -> Any:
 
 
 def test_bad_dashboard_addresses_are_refused_with_a_reason() -> None:
-    from pdp.config import dashboard_address
+    from pdp.config import dashboard_address, dashboard_is_private
     from pdp.errors import ConfigError
 
     assert dashboard_address("off") is None and dashboard_address("127.0.0.1:7780") == ("127.0.0.1", 7780)
-    assert dashboard_address("[::1]:80") == ("::1", 80)
-    for bad, why in (("0.0.0.0:7780", "loopback only"), ("10.1.2.3:80", "SSH tunnel"), ("7780", "HOST:PORT"),
-                     ("127.0.0.1:99999", "HOST:PORT")):
-        with pytest.raises(ConfigError, match=why):
+    assert dashboard_address("[::1]:80") == ("::1", 80) and dashboard_address("0.0.0.0:7780") == ("0.0.0.0", 7780)
+    assert dashboard_is_private("127.0.0.1") and dashboard_is_private("::1") and dashboard_is_private("localhost")
+    assert not dashboard_is_private("0.0.0.0") and not dashboard_is_private("10.1.2.3")
+    for bad in ("7780", "127.0.0.1:99999", ":7780", "host:port"):
+        with pytest.raises(ConfigError, match="HOST:PORT"):
             dashboard_address(bad)
+
+
+def _https(port: int, pem: Path | None, node_fp: str, path: str = "/api/status") -> tuple[int, bytes]:
+    """GET over TLS to 127.0.0.1:``port`` with the client certificate ``pem`` (or none),
+    checking that the server is the node whose id is ``node_fp`` (its certificate's SHA-256)."""
+    import hashlib
+    import http.client
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # self-signed: pinned by hand below
+    if pem is not None:
+        ctx.load_cert_chain(str(pem))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.connect()
+        der = conn.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        assert der is not None and hashlib.sha256(der).hexdigest() == node_fp
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_a_dashboard_beyond_loopback_answers_party_identities_only(
+        make_party: Callable[..., LocalParty], tmp_path: Path) -> None:
+    """Bound to 0.0.0.0 (probed on 127.0.0.1 only), the dashboard is HTTPS with the node's own
+    certificate and answers only a party identity's certificate: not plain HTTP, not a TLS
+    client without a certificate, not a stranger's, not a revoked user's."""
+    import ssl
+
+    from pdp.identity import load_node_identity, new_credential
+
+    port = free_port()
+    party = make_party("sleep=0.01", node_settings={0: {"dashboard": f"0.0.0.0:{port}"}})
+    node_fp = load_node_identity(party.root / party.names[0], party.names[0]).fp
+    cli = [sys.executable, "-m", "pdp"]
+    pems = {}
+    for who, key in (("admin", party.key_file), ("bob", party.root / "bob.cred")):
+        pems[who] = tmp_path / f"{who}.pem"
+        done = subprocess.run([*cli, "export-cert", "--pem", str(pems[who]), "--key-file", str(key)],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+    pems["stranger"] = tmp_path / "stranger.pem"
+    stranger = new_credential(tmp_path / "stranger.cred", "mallory", set(), force=True)
+    pems["stranger"].write_text(stranger.identity.key_pem + stranger.identity.cert_pem)
+
+    wait_until(lambda: _try(lambda: _https(port, pems["admin"], node_fp)[0] == 200), 30, "the HTTPS dashboard")
+    status, body = _https(port, pems["admin"], node_fp)
+    assert json.loads(body)["leader"] is not None
+    status, body = _https(port, pems["bob"], node_fp, "/metrics")
+    assert status == 200 and b"pdp_" in body
+    status, body = _https(port, None, node_fp)
+    assert status == 403 and b"pdp export-cert" in body
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _https(port, pems["stranger"], node_fp)
+    with pytest.raises(Exception):  # plain HTTP gets no page from a TLS server
+        get(f"http://127.0.0.1:{port}/api/status")
+
+    revoked = subprocess.run([*cli, "uninvite", "bob", "--node", party.addr(0), "--key-file", str(party.key_file)],
+                             capture_output=True, text=True, timeout=30)
+    assert revoked.returncode == 0, revoked.stderr
+    wait_until(lambda: _try(lambda: _https(port, pems["bob"], node_fp)[0] == 403, refused=True), 15,
+               "bob refused once revoked")
+
+
+def _try(probe: Callable[[], bool], refused: bool = False) -> bool:
+    """``probe()``, with a refused connection counting as ``refused``."""
+    import ssl
+
+    try:
+        return probe()
+    except (ssl.SSLError, ConnectionError, OSError):
+        return refused
 
 
 @pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from pdp.errors import InputError
 from pdp.jobs import inputs
 from pdp.jobs.inputs import DATA_TYPES, BadRecord, Splitter, data_type_of, records
+from pdp.core.state import _ranges
 
 PROPERTY = settings(  # tmp_path is shared by the examples: each rewrites the file
     max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -612,3 +613,26 @@ def test_big_input_in_frames(tmp_path: Path) -> None:
     path = write(tmp_path, data)
     got = read_all(path, plan, "csv")
     assert len(got) == 20_000 and got[-1] == (None, {"n": "19999", "q": 'a "quoted"\nfield', "t": "plain text here"})
+
+
+@pytest.mark.parametrize("data_type", ["csv", "jsonl", "text"])
+def test_a_fetched_range_reads_as_in_the_whole_file(tmp_path: Path, data_type: str) -> None:
+    """A member without the input fetches a map's range into a file of its own, which starts
+    at byte 0 but not at the input's start (``base``): its first record is a record, not the
+    header row, and no BOM is dropped there. (Every CSV map run on a member that fetched its
+    range used to lose its first record.)"""
+    rows = {"csv": "a,b\r\n" + "".join(f"{i},x{i}\r\n" for i in range(40)),
+            "jsonl": "".join(f'{{"a": {i}}}\n' for i in range(40)),
+            "text": "".join(f"line {i}\n" for i in range(40))}[data_type]
+    data = inputs._BOM + rows.encode()
+    path = write(tmp_path, data)
+    plan = plan_of(data, data_type, 37, [len(data)])
+    expected = oracle(data, data_type)
+    assert list(records(path, 0, len(data), data_type, name="input")) == expected
+    got = []
+    for k, (start, end, line) in enumerate(_ranges({**plan, "size": len(data)}, 37)):
+        chunk = tmp_path / f"chunk-{k}"
+        chunk.write_bytes(data[start:end])
+        got.extend(records(str(chunk), 0, end - start, data_type, name="input", line=line,
+                           header=plan.get("header"), base=start))
+    assert got == expected

@@ -42,6 +42,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from pdp.core.split import plan_ranges
 
 Cmd = dict[str, Any]
@@ -61,6 +63,8 @@ MAX_CHUNK = 1 << 40
 MAX_MAPS = 100_000
 MAX_REDUCES = 64
 MAX_STEPS = 16
+MAX_ROUNDS = 1000  # rounds of an iterative job (training); the master stops it at its own limit first
+MAX_MODEL = 1 << 20  # bytes of a job's model as msgpack: it lives in the log and in every assignment
 MAX_SPEC = 8192  # characters of a job's spec (its name, class and arguments)
 MAX_COLUMNS = 1000
 MAX_INPUT_NAME = 4096
@@ -170,9 +174,15 @@ class Job:
         self.spec, self.code, self.carried = {}, {}, []
         self.__dict__.update(data)
 
+    @property
+    def iterative(self) -> bool:
+        """A job of rounds (training): every round maps the job's own inputs with the model
+        the master made from the round before (``spec["model"]``); see :meth:`State._round`."""
+        return bool(self.spec.get("iterate"))
+
     def step_inputs(self) -> list[dict[str, Any]]:
         """What the current step's maps read: the job's inputs, or the last step's outputs."""
-        return self.inputs if self.step == 0 else self.carried
+        return self.inputs if self.step == 0 or self.iterative else self.carried
 
     def current(self, phase: str) -> list[Task]:
         """The tasks of the current step in ``phase``."""
@@ -204,7 +214,7 @@ class Job:
         """A small job (one map, one reduce) runs as a single task that also stores the result
         (Hadoop's "uber" jobs): one assignment and one completion instead of four entries,
         and no fetches between members."""
-        return len(self.maps) == 1 and self.n_reduce == 1 and self.steps == 1
+        return len(self.maps) == 1 and self.n_reduce == 1 and self.steps == 1 and not self.iterative
 
     def tasks(self, phase: str) -> list[Task]:
         return self.maps if phase == "map" else self.reduces
@@ -347,8 +357,10 @@ def _check_inputs(inputs: Any) -> tuple[list[dict[str, Any]], str | None]:
 
 def _check_spec(spec: Any, steps: Any, code: Any) -> str | None:
     """What is wrong with a job's spec (which job, its arguments), step count and code bundle."""
-    if type(spec) is not dict or len(repr(spec)) > MAX_SPEC:
+    if type(spec) is not dict or len(repr({k: v for k, v in spec.items() if k != "model"})) > MAX_SPEC:
         return f"the job spec must be a dict of at most {MAX_SPEC} characters"
+    if "model" in spec and (not plain(spec["model"]) or len(msgpack.packb(spec["model"])) > MAX_MODEL):
+        return f"a job's model must be plain data of at most {MAX_MODEL >> 20} MiB"
     args = spec.get("args", [])
     if type(args) not in (list, tuple) or not all(type(a) is str for a in args):
         return "job arguments must be strings"
@@ -867,10 +879,10 @@ class State:
                 job.state = "mapping"
         elif not all(t.state == "done" for t in job.current("reduce")):
             job.state = "reducing"
-        elif job.step + 1 < job.steps:
+        elif job.step + 1 < job.steps and not job.iterative:
             self._next_step(job, now)
         else:
-            job.state = "assembling"
+            job.state = "assembling"  # (an iterative job's master makes the next round's model)
 
     def _next_step(self, job: Job, now: float | None = None) -> None:
         """Step k is done: its reduce outputs (each stored on two members, as the job's
@@ -895,6 +907,39 @@ class State:
         job.reduces.extend(Task("reduce", len(job.reduces), step=job.step) for _ in range(job.n_reduce))
         job.state = "mapping"
         _event(self, "step", job.id, f"job {job.id}: step {job.step + 1} of {job.steps} begins")
+
+    def _round(self, c: Cmd) -> Result:
+        """The master finished round ``round`` of an iterative job: ``model`` (plain, at most
+        MAX_MODEL bytes) is what the next round's maps get. With ``done`` the job stays
+        assembling (its result, the model file, is stored next); else round + 1 begins: the
+        first round's map tasks again, over the same inputs (they stay where they are)."""
+        job, bad = self._check_order(c)
+        if job is None:
+            return bad or _err("unknown job")
+        model, rnd, done = c.get("model"), c.get("round"), c.get("done")
+        if not job.iterative or job.state != "assembling" or job.spec.get("final"):
+            return _err(f"job {job.id} is not between rounds", stale=True)
+        if rnd != job.step:
+            return _err(f"round {rnd} of job {job.id} is over (it is in round {job.step})", stale=True)
+        if type(done) is not bool or not plain(model) or len(msgpack.packb(model)) > MAX_MODEL:
+            return _err("a round needs done (true or false) and a plain model of at most "
+                        f"{MAX_MODEL >> 20} MiB", bad_request=True)
+        if not done and job.step + 1 >= MAX_ROUNDS:
+            return _err(f"job {job.id} reached {MAX_ROUNDS} rounds", bad_request=True)
+        job.spec = {**job.spec, "model": model, **({"final": True} if done else {})}
+        text = str(c.get("text") or "")[:200]
+        if done:
+            _event(self, "round", job.id, f"job {job.id}: round {rnd + 1} was the last" + (f" ({text})" if text else ""))
+            return {"ok": True}
+        first = [t for t in job.maps if t.step == 0]
+        job.step += 1
+        job.steps = job.step + 1
+        job.maps.extend(Task("map", len(job.maps), input=t.input, start=t.start, end=t.end, line=t.line,
+                             step=job.step) for t in first)
+        job.reduces.extend(Task("reduce", len(job.reduces), step=job.step) for _ in range(job.n_reduce))
+        job.state = "mapping"
+        _event(self, "round", job.id, f"job {job.id}: round {job.step + 1} begins" + (f" ({text})" if text else ""))
+        return {"ok": True}
 
     def _rerun(self, job: Job, task: Task, reason: str) -> None:
         task.state, task.node, task.stats, task.runs = "pending", "", {}, {}
@@ -1101,7 +1146,7 @@ def note_event(state: State, op: str, c: Cmd, res: Result) -> None:
         _event(state, "cancelled", job, f"job {job} cancelled")
 
 
-ORDERS = frozenset({"master", "assign", "complete", "release", "lost", "redo", "fail", "finish"})
+ORDERS = frozenset({"master", "assign", "complete", "release", "lost", "redo", "fail", "finish", "round"})
 _HANDLERS = {
     "member": State._member,
     "master": State._master,
@@ -1110,6 +1155,7 @@ _HANDLERS = {
     "complete": State._complete,
     "fail": State._fail,
     "finish": State._finish,
+    "round": State._round,
     "batch": State._batch,
     "release": State._release,
     "lost": State._lost,

@@ -262,8 +262,9 @@ class _Reader:
     """Turns the regions (whole records) of one range into (key, value) pairs."""
 
     def __init__(self, data_type: str, name: str, start: int, header: list[str] | None,
-                 skip_bad: bool, bad: list[int] | None) -> None:
+                 skip_bad: bool, bad: list[int] | None, numbered: bool = False) -> None:
         self.type = data_type
+        self.numbered = numbered  # keys are the records' line numbers (else None)
         self.name = name
         self.header = header
         self.skip_bad = skip_bad
@@ -344,7 +345,7 @@ class _Reader:
             for record in _csv_pieces(s, "\n", '"'):
                 v = self.value(record, line)
                 if v is not _SKIP:
-                    yield None, v
+                    yield (line if self.numbered else None), v
                 line += record.count("\n")
             return
         parts = s.split("\n")  # lines; for csv without quotes records too (a "\r" left is a newline to csv)
@@ -360,7 +361,7 @@ class _Reader:
         for part in parts:
             v = self.value(part, line)
             if v is not _SKIP:
-                yield None, v
+                yield (line if self.numbered else None), v
             line += 1
 
     def _region_bytes(self, data: bytes, off: int, line: int) -> Iterator[tuple[Any, Any]]:
@@ -386,14 +387,14 @@ class _Reader:
                 else:
                     v = self.value(record, line)
                     if v is not _SKIP:
-                        yield None, v
+                        yield (line if self.numbered else None), v
             off += len(piece)
             line += piece.count(b"\n")
 
 
 def records(path: str, start: int, end: int, data_type: str, *, name: str, line: int = 1,
             header: list[str] | None = None, skip_bad: bool = False,
-            bad: list[int] | None = None) -> Iterator[tuple[Any, Any]]:
+            bad: list[int] | None = None, numbered: bool = False, base: int = 0) -> Iterator[tuple[Any, Any]]:
     """The (key, value) records of bytes ``[start, end)`` of ``path``, read in blocks.
 
     ``start`` and ``end`` are record starts (cuts of :class:`Splitter`, 0, or the
@@ -402,7 +403,10 @@ def records(path: str, start: int, end: int, data_type: str, *, name: str, line:
     line (str), a JSON value, or a csv dict. csv needs ``header`` unless ``start`` is
     0 (then the header row is read from the file when not given); the header row is
     never a record. A bad record raises BadRecord unless ``skip_bad``: then it is
-    skipped and its line appended to ``bad``. Arguments are checked at the call; the
+    skipped and its line appended to ``bad``. With ``numbered`` (csv and jsonl) the key
+    of each record is its line number (a csv record's first line). ``base`` is where
+    ``path``'s byte 0 is in the input (a range fetched into a file of its own): only the
+    input's own start has a BOM to drop and (csv) the header row. Arguments are checked at the call; the
     file is read as the iterator is consumed.
     """
     _check_type(data_type)
@@ -410,7 +414,7 @@ def records(path: str, start: int, end: int, data_type: str, *, name: str, line:
         raise ValueError(f"bad range [{start}, {end})")
     if data_type == "csv" and header is None and start != 0:
         raise ValueError("a csv range that does not start the file needs the header")
-    return _records(path, start, end, _Reader(data_type, name, start, header, skip_bad, bad), line)
+    return _records(path, start, end, _Reader(data_type, name, base + start, header, skip_bad, bad, numbered), line)
 
 
 def _records(path: str, start: int, end: int, reader: _Reader, line: int) -> Iterator[tuple[Any, Any]]:

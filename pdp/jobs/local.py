@@ -110,6 +110,8 @@ class _Tasks:
 def _run_job(make: Any, paths: list[tuple[Path, str]], out: BinaryIO, data_type: str | None) -> dict[str, Any]:
     tasks = _Tasks(make)
     first = tasks.new()
+    if hasattr(first, "map_chunk"):
+        return _run_chunked(first, paths, out, data_type)
     with user_code("setup"):
         n_steps = len(first.steps())
     if not n_steps:
@@ -146,6 +148,36 @@ def _run_job(make: Any, paths: list[tuple[Path, str]], out: BinaryIO, data_type:
             out.write((line.encode("utf-8") if isinstance(line, str) else line) + b"\n")
             lines += 1
     return {"counters": tasks.reporter.counters, "status": tasks.reporter.status, "lines": lines}
+
+
+def _run_chunked(job: Any, paths: list[tuple[Path, str]], out: BinaryIO, data_type: str | None,
+                 model: Any = None) -> dict[str, Any]:
+    """A built-in that reads its ranges itself (``map_chunk``: training, predict, stats), one
+    chunk per input; an ``ITERATE`` job runs its rounds until its ``update`` says done."""
+    import tempfile
+
+    iterate = bool(getattr(job, "ITERATE", False))
+    with tempfile.TemporaryDirectory(prefix="pdp-run-chunks-") as work:
+        while True:
+            mapped: list[Pair] = []
+            for index, (path, name) in enumerate(paths):
+                spec = {"data_type": inputs.data_type_of(name, data_type), "name": name, "input_index": index,
+                        "line": 1, "model": model}
+                mapped.extend(job.map_chunk(str(path), 0, path.stat().st_size, spec, work))
+            pairs = _reduce(job.reducer, _sorted(mapped, False))
+            if not iterate:
+                break
+            step = job.update(model, [value for _, value in pairs])
+            model = step["model"]
+            if step["done"]:
+                data = bytes(job.result(model))
+                out.write(data)
+                return {"counters": {}, "status": "", "lines": data.count(b"\n")}
+    write = job.output_protocol().write
+    for _, _, key, value in _sorted(pairs, False):
+        line = write(_roundtrip(key), _roundtrip(value))
+        out.write((line.encode("utf-8") if isinstance(line, str) else line) + b"\n")
+    return {"counters": {}, "status": "", "lines": len(pairs)}
 
 
 def _step(job: Any, k: int) -> Any:

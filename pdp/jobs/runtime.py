@@ -172,7 +172,8 @@ def step_input(spec: dict[str, Any], plan: Plan, path: str, start: int, end: int
     set_input(plan.job, name, int(spec.get("input_index", 0)))
     records = inputs.records(path, start, end, data_type, name=name,
                              line=int(spec.get("line", 1)), header=spec.get("header"),
-                             skip_bad=bool(getattr(plan.job, "SKIP_BAD_RECORDS", False)), bad=bad)
+                             skip_bad=bool(getattr(plan.job, "SKIP_BAD_RECORDS", False)), bad=bad,
+                             base=int(spec.get("base", 0)))
     if getattr(plan.job, "INPUT_POSITIONS", False):
         return with_positions(records, data_type, int(spec.get("line", 1)))
     protocol = plan.job.input_protocol() if data_type == "text" else None
@@ -199,9 +200,14 @@ def map_task(spec: dict[str, Any], path: str, start: int, end: int, n_reduce: in
     sorter = engine.Sorter(n_reduce, limit, os.path.dirname(out) or ".", partition=plan.partition,
                            combine=_combining(plan) if combine else None, sort_values=plan.sort_values)
     bad: list[int] = []
+    chunk = getattr(job, "map_chunk", None) if plan.k == 0 else None
     try:
-        with user_code("mapper"):
-            _run_mapper(plan, step_input(spec, plan, path, start, end, bad), sorter, progress, start)
+        if chunk is not None:  # a built-in that reads its range itself (training: cached arrays)
+            with user_code("map_chunk"):
+                sorter.add_all(chunk(path, start, end, spec, os.path.dirname(out) or "."))
+        else:
+            with user_code("mapper"):
+                _run_mapper(plan, step_input(spec, plan, path, start, end, bad), sorter, progress, start)
         with user_code("combiner"):
             written = sorter.write_map_output(out)
     finally:
@@ -355,6 +361,29 @@ def merge_outputs(spec: dict[str, Any], in_paths: list[str], out_path: str) -> d
         if buf:
             out.write(b"\n".join(buf) + b"\n")
     return {"keys": lines, "bytes": size}
+
+
+def update_round(spec: dict[str, Any], in_paths: list[str]) -> dict[str, Any]:
+    """An iterative job's round on the master: the job's ``update`` of ``spec["model"]`` with
+    the values of the round's reduce outputs; ``{"model", "done", "text"}``. Built-ins only
+    (the gateway marks only them iterative), so no user code runs on the master."""
+    plan = Plan({**spec, "step": 0})
+    decode = engine.value_coder(False)[1]
+    values = [decode(record[1]) for p in in_paths for record in engine.read_run(p, 0)]
+    with user_code("update"):
+        return dict(plan.job.update(spec.get("model"), values))
+
+
+def write_result(spec: dict[str, Any], out_path: str) -> dict[str, Any]:
+    """An iterative job's result: the bytes its ``result`` makes of the last model."""
+    from pdp.fsutil import atomic_writer
+
+    plan = Plan({**spec, "step": 0})
+    with user_code("result"):
+        data = bytes(plan.job.result(spec.get("model")))
+    with atomic_writer(out_path) as out:
+        out.write(data)
+    return {"keys": data.count(b"\n"), "bytes": len(data)}
 
 
 def step_count(spec: dict[str, Any]) -> int:

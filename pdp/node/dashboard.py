@@ -8,8 +8,11 @@ three together, once a second, which the page renders live) and ``/metrics``
 (:mod:`pdp.node.metrics`). Only GET; the page changes nothing.
 
 It listens on ``dashboard`` (config) / ``--dashboard`` (default ``127.0.0.1:7780``, ``off``
-to disable). Loopback only: anyone who can reach the port can read it, so a non-loopback
-address is refused until the dashboard checks a user credential (use an SSH tunnel).
+to disable). On loopback it is plain HTTP. Beyond loopback it is HTTPS with the node's own
+certificate (TLS 1.3), and every request must come with the certificate of one of the
+party's identities (a user's, from ``pdp export-cert``, or a node's): the handshake checks
+the certificate against the party's trust store, and :meth:`Dashboard._who` checks that
+the identity is still in the party on every request (a revoked user is refused at once).
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from pdp.core.state import Job, State
+from pdp.identity import fingerprint
 from pdp.node.metrics import CONTENT_TYPE, Metrics, PartyCollector
 
 log = logging.getLogger("pdp.node.dashboard")
@@ -78,10 +83,12 @@ class Dashboard:
 
     def __init__(self, services: DashboardServices) -> None:
         self.services = services
+        # beyond loopback: fingerprint -> the party identity's name, or None (refused)
+        self.allowed: Callable[[str], str | None] | None = None
         self.last_status: dict[str, Any] = {}
         self.metrics = Metrics(PartyCollector(services.reading, self._members, services.raft_status))
         self.runner: web.AppRunner | None = None
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self._who])
         self.app.router.add_get("/", self._page)
         self.app.router.add_get("/static/{name}", self._static)
         self.app.router.add_get("/api/status", self._status)
@@ -90,16 +97,29 @@ class Dashboard:
         self.app.router.add_get("/api/stream", self._stream)
         self.app.router.add_get("/metrics", self._metrics)
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen; returns the port (the one the OS chose for port 0)."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen (HTTPS with ``ssl_context``); returns the port (the OS's choice for port 0)."""
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
+        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context)
         await site.start()
         server = getattr(site, "_server", None)
         bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
-        log.info("dashboard on http://%s:%d/", host, bound)
+        log.info("dashboard on %s://%s:%d/%s", "https" if ssl_context else "http", host, bound,
+                 " (a party identity's certificate required)" if ssl_context else "")
         return int(bound)
+
+    @web.middleware
+    async def _who(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Beyond loopback, only a party identity's certificate gets an answer."""
+        if self.allowed is not None:
+            ssl_obj = request.transport.get_extra_info("ssl_object") if request.transport else None
+            der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+            if not der or self.allowed(fingerprint(der)) is None:
+                raise web.HTTPForbidden(text="pdp: this dashboard answers only the party's identities: present your "
+                                             "pdp certificate (`pdp export-cert` writes one for a browser or curl)\n")
+        result: web.StreamResponse = await handler(request)
+        return result
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -26,7 +26,7 @@ from pdp.jobs.inputs import Splitter, data_type_of
 from pdp.jobs.loader import builtin
 from pdp.core.scheduler import scores
 from pdp.node.spool import check_id
-from pdp.core.state import ACTIVE, Job
+from pdp.core.state import ACTIVE, MAX_MODEL, Job, plain
 from pdp.net.streams import check_data, data_header, relay, send_file
 from pdp.net.transport import Forbidden, Handler, Stream
 
@@ -107,6 +107,10 @@ class Gateway:
         cmd = self._submit_cmd(job_id, kind, hdr, stored)
         cmd.update(chunk_size=chunk, spec={**_plain_spec(spec), "data_type": data_type},
                    steps=steps or max(1, int(hdr.get("steps") or 1)), code=stored_code)
+        if not code and getattr(builtin(kind), "ITERATE", False):  # rounds (training): built-ins only
+            cmd["spec"].pop("model", None)  # the first round has none: the master makes it
+            cmd["spec"]["iterate"] = True
+            cmd["n_reduce"] = 1
         if kind == "sort" and not code:  # range partitioning: cut points from a sample of the stored inputs
             cmd["spec"]["args"] = [*cmd["spec"]["args"], *await asyncio.to_thread(
                 self._sort_cuts, stored, data_type, cmd["spec"]["args"], cmd["n_reduce"])]
@@ -630,6 +634,11 @@ def _plain_spec(spec: dict[str, Any]) -> dict[str, Any]:
     for key in ("builtin", "main", "cls", "shown"):
         if spec.get(key):
             out[key] = str(spec[key])[:200]
+    model = spec.get("model")  # what every map gets (`pdp predict`'s model file)
+    if model is not None:
+        if not plain(model) or len(msgpack.packb(model)) > MAX_MODEL:
+            raise InputError(f"a job's model must be plain data (JSON) of at most {MAX_MODEL >> 20} MiB")
+        out["model"] = model
     return out
 
 

@@ -436,11 +436,17 @@ class Master:
         """Merge the reduce outputs into the result, store a second copy, record it."""
         node, term = self.node, self.term
         try:
-            parts = await self._fetch_parts(job_id, reducers)
-            if parts is None:
-                return  # unreachable outputs are being redone
+            if spec.get("iterate") and not spec.get("final"):
+                await self._next_round(job_id, spec, reducers)
+                return
             result = node.spool.file(job_id, "result")
-            stats = await node.run_in_pool(runtime.merge_outputs, spec, [str(p) for p in parts], str(result))
+            if spec.get("iterate"):  # the last round is over: the result is the model the job makes of it
+                stats = await node.run_in_pool(runtime.write_result, spec, str(result))
+            else:
+                parts = await self._fetch_parts(job_id, reducers)
+                if parts is None:
+                    return  # unreachable outputs are being redone
+                stats = await node.run_in_pool(runtime.merge_outputs, spec, [str(p) for p in parts], str(result))
             digest = await asyncio.to_thread(sha256_file, result)
             copies = await self._replicate(job_id, result, gateway, digest)
             res = await node.propose({"op": "finish", "job": job_id, "term": term, "now": time.time(),
@@ -452,6 +458,25 @@ class Master:
         except (PdpError, OSError) as exc:
             log.warning("assembling job %s failed (will retry): %s", job_id, exc)
             await asyncio.sleep(1.0)
+
+    async def _next_round(self, job_id: str, spec: dict[str, Any], reducers: list[tuple[int, str]]) -> None:
+        """An iterative job's round is reduced: make the next model from its sums (a built-in's
+        ``update``, in the pool) and commit it with the round; a job whose update fails (its
+        data cannot make a model) fails with the reason."""
+        node = self.node
+        parts = await self._fetch_parts(job_id, reducers)
+        if parts is None:
+            return  # unreachable outputs are being redone
+        try:
+            step = await node.run_in_pool(runtime.update_round, spec, [str(p) for p in parts])
+        except PdpError as exc:  # the update is pure: its errors are the data's (no rows left, a bad k)
+            await node.propose({"op": "fail", "job": job_id, "term": self.term, "error": str(exc), "now": time.time()})
+            log.warning("job %s failed: %s", job_id, exc)
+            return
+        res = await node.propose({"op": "round", "job": job_id, "term": self.term, "round": spec["round"],
+                                  "model": step["model"], "done": step["done"], "text": step.get("text", "")})
+        if not res.get("ok"):
+            log.warning("job %s: round %d not recorded: %s", job_id, spec["round"] + 1, res.get("error"))
 
     async def _fetch_parts(self, job_id: str, reducers: list[tuple[int, str]]) -> list[Path] | None:
         results = await asyncio.gather(*(self._fetch_part(job_id, r, name) for r, name in reducers),
@@ -513,6 +538,8 @@ def job_spec(job: Job) -> dict[str, Any]:
     """What a task process needs to load the job: a built-in's name, or the code bundle (the
     worker fetches it and puts its directory in ``code``), the arguments and the data type."""
     spec = {**job.spec, "steps": job.steps}
+    if job.iterative:
+        spec["round"] = job.step
     if not spec.get("builtin") and not job.code:
         spec["builtin"] = job.kind  # a job submitted by kind name only
     if job.code:

@@ -284,15 +284,19 @@ class Node:
     async def _start_dashboard(self) -> Any:
         """The web dashboard and /metrics on ``dashboard`` (None if off or its port is taken:
         the node runs on without it)."""
-        from pdp.config import dashboard_address
+        from pdp.config import dashboard_address, dashboard_is_private
         from pdp.node.dashboard import Dashboard, node_services
 
         where = dashboard_address(self.config.dashboard)  # validated with the config: never raises here
         if where is None:
             return None
         dashboard = Dashboard(node_services(self))
+        ssl_ctx = None
+        if not dashboard_is_private(where[0]):  # beyond loopback: HTTPS, a party identity's certificate required
+            ssl_ctx = tls.listening_context(self.ident, lambda: self.tls_ctx)
+            dashboard.allowed = lambda fp: (self.identities().get(fp) or {}).get("name")
         try:
-            await dashboard.start(*where)
+            await dashboard.start(*where, ssl_ctx)
         except OSError as exc:
             log.warning("no dashboard: cannot listen on %s (%s); set dashboard = \"HOST:PORT\" or off",
                         self.config.dashboard, exc)

@@ -193,14 +193,15 @@ class Worker:
     async def _map_spec(self, task: dict[str, Any], fetched: list[Path]
                         ) -> tuple[tuple[str, int, int, int, str, dict[str, Any]], int]:
         """(run_maps argument, its line-aligned size) for a map."""
-        path, a, b, _ = await self._locate(task, fetched)
+        path, a, b, base = await self._locate(task, fetched)
         out = str(self.node.spool.file(task["job"], f"map-{task['index']}"))
-        return (path, a, b, task["n_reduce"], out, _input_spec(task)), b - a
+        return (path, a, b, task["n_reduce"], out, {**_input_spec(task), "base": base}), b - a
 
     async def _spec(self, task: dict[str, Any]) -> dict[str, Any]:
         """The spec a task process loads the job from: a user job's code is fetched first,
         and only where this node's owner allows running it."""
-        spec = {**task["spec"], "step": task["step"], "sort_mb": self.node.config.sort_buffer_mb}
+        spec = {**task["spec"], "step": 0 if task["spec"].get("iterate") else task["step"],  # rounds: one step
+                "sort_mb": self.node.config.sort_buffer_mb}
         if task.get("code"):
             if not self.node.config.allow_code:
                 raise PdpError(f"{self.node.name} does not run users' code (allow_code = false)")

@@ -1,0 +1,245 @@
+"""The training built-ins: ``train`` (rounds), ``predict`` (map only) and ``stats`` (one pass).
+
+``train`` is an iterative job (``ITERATE``): the party runs it in rounds (see
+:meth:`pdp.core.state.State._round`). Every round maps each chunk of the input where it is
+stored and reduces the chunks' partial sums into one; between rounds the master calls
+:meth:`Train.update` with the round's sum and commits the next model to the log, so a new
+master continues from the last finished round.
+
+* Round 1 *scans*: which columns are numbers, the categories seen, means for imputation and
+  (k-means) a seeded sample (:mod:`pdp.train.table`). Its update fixes the feature layout.
+* Every later round maps each chunk with the current model (:func:`pdp.train.models.partial`);
+  a chunk's parsed arrays are cached beside the task's output, in the member's spool
+  (``train-*.npz``), so later rounds on that member do not parse CSV again. The spool
+  janitor deletes them with the job's other files.
+* The result, written by the master, is the model file (:func:`pdp.train.models.finish`),
+  JSON.
+
+``predict`` maps each record through a model file, keyed by (input, line) so that the
+result lists one JSON object per record in input order. ``stats`` reduces the chunks'
+column summaries (:mod:`pdp.train.stats`) to one JSON object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from functools import reduce
+from typing import Any
+
+import numpy as np
+
+from pdp.errors import InputError
+from pdp.jobs import inputs
+from pdp.jobs.api import JSONValueProtocol, MRJob, RawValueProtocol
+from pdp.train import codec
+
+FORMAT = "pdp-model/1"
+KEY = "s"  # every chunk's partial goes to one key: one reduce sums them all
+
+
+def _rows(path: str, start: int, end: int, spec: dict[str, Any]) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """(the input's name, its records as (line, record)) of a map's range."""
+    data_type = spec.get("data_type") or "text"
+    name = str(spec.get("name") or path)
+    if data_type not in ("csv", "jsonl"):
+        raise InputError(f"{name}: training data must be CSV (with a header row) or JSON Lines, not {data_type}; "
+                         "give --data-type csv or jsonl if the extension does not say")
+    records = inputs.records(path, start, end, data_type, name=name, line=int(spec.get("line", 1)),
+                             header=spec.get("header"), numbered=True, base=int(spec.get("base", 0)))
+    return name, _objects(records, name)
+
+
+def _objects(records: Iterable[tuple[Any, Any]], name: str) -> Iterator[tuple[int, Any]]:
+    for line, value in records:
+        if not isinstance(value, dict):
+            raise InputError(f"{name} line {line}: a JSON Lines record must be an object with named fields, "
+                             f"not {type(value).__name__}")
+        yield line, value
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    """``--param NAME=VALUE`` (repeatable): numbers as numbers, true/false, else text."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise InputError(f"--param {pair!r}: give NAME=VALUE (e.g. --param C=0.5)")
+        value: Any = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    pass
+        params[name] = value
+    return params
+
+
+class _Blob:
+    """The reduce's line (never written: the master writes the result of a round job)."""
+
+    def write(self, key: Any, value: Any) -> bytes:
+        return b""
+
+
+class Train(MRJob):
+    """``pdp train ALGORITHM``: fit a model in rounds (see the module docstring)."""
+
+    ITERATE = True
+    OUTPUT_PROTOCOL = _Blob
+
+    def configure_args(self) -> None:
+        from pdp.train.models import ALGORITHMS
+
+        self.add_passthru_arg("--algorithm", required=True, choices=ALGORITHMS)
+        self.add_passthru_arg("--target", default=None)
+        self.add_passthru_arg("--features", default="", help="comma-separated columns (default: all but the target)")
+        self.add_passthru_arg("--missing", default="drop", choices=("drop", "mean"))
+        self.add_passthru_arg("--param", action="append", default=[], help="NAME=VALUE, e.g. C=0.5, k=3")
+
+    def load_args(self, args: list[str]) -> None:
+        from pdp.train.models import check_params
+
+        super().load_args(args)
+        self.params = _params(self.options.param)
+        check_params(self.options.algorithm, self.params)  # a bad parameter is refused at submit, before any upload
+        self.features = [f.strip() for f in self.options.features.split(",") if f.strip()] or None
+
+    # -- workers --
+
+    def map_chunk(self, path: str, start: int, end: int, spec: dict[str, Any], workdir: str
+                  ) -> Iterator[tuple[str, bytes]]:
+        model = spec.get("model")
+        if model is None:  # the first round scans
+            from pdp.train.models import sample_size
+            from pdp.train.table import scan_partial
+
+            name, rows = _rows(path, start, end, spec)
+            scan = scan_partial(rows, name, sample=sample_size(self.options.algorithm, self.params),
+                                seed=int(self.params.get("seed", 0)))
+            yield KEY, codec.pack({"scan": scan})
+            return
+        from pdp.train.models import partial
+
+        x, y, dropped = self._arrays(path, start, end, spec, model["layout"], workdir)
+        yield KEY, codec.pack({"fit": partial(model, x, y, dropped=dropped)})
+
+    def _arrays(self, path: str, start: int, end: int, spec: dict[str, Any], layout: dict[str, Any],
+                workdir: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The chunk as arrays: parsed once per member and kept in ``workdir`` (the job's spool)."""
+        from pdp.train.table import encode
+
+        tag = hashlib.sha256(json.dumps([spec.get("name"), spec.get("input_index"), spec.get("base", 0) + start,
+                                         end - start, layout], sort_keys=True).encode())
+        cache = os.path.join(workdir, f"train-{tag.hexdigest()[:32]}.npz")
+        try:
+            with np.load(cache, allow_pickle=False) as got:
+                return got["x"], (got["y"] if bool(got["has_y"]) else None), int(got["dropped"])
+        except (OSError, KeyError, ValueError):
+            pass
+        name, rows = _rows(path, start, end, spec)
+        x, y, dropped, _ = encode(rows, layout, name)
+        tmp = f"{cache}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, x=x, y=y if y is not None else np.zeros(0), has_y=y is not None, dropped=dropped)
+        os.replace(tmp, cache)
+        return x, y, dropped
+
+    def reducer(self, key: str, values: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
+        yield key, codec.pack(reduce(_merge, (codec.unpack(v) for v in values)))
+
+    combiner = reducer
+
+    # -- the master --
+
+    def update(self, model: dict[str, Any] | None, values: list[bytes]) -> dict[str, Any]:
+        """The next model from the round's sum: ``{"model", "done", "text"}``."""
+        total = reduce(_merge, (codec.unpack(v) for v in values))
+        if model is None:
+            from pdp.train.models import start, task_of
+            from pdp.train.table import make_layout
+
+            algorithm = self.options.algorithm
+            layout = make_layout(total["scan"], target=self.options.target, features=self.features,
+                                 missing=self.options.missing, task=task_of(algorithm))
+            model = start(algorithm, dict(self.params), layout, total["scan"])
+            return {"model": model, "done": False, "text": f"{len(layout['features'])} features"}
+        from pdp.train.models import update
+
+        model, done = update(model, total["fit"])
+        loss = model.get("loss")
+        return {"model": model, "done": bool(done), "text": f"loss {loss:.6g}" if isinstance(loss, float) else ""}
+
+    def result(self, model: dict[str, Any]) -> bytes:
+        from pdp.train.models import finish
+
+        return json.dumps(finish(model), indent=1).encode() + b"\n"
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    if "scan" in a:
+        from pdp.train.table import merge_scan
+
+        return {"scan": merge_scan(a["scan"], b["scan"])}
+    from pdp.train.models import merge
+
+    return {"fit": merge(a["fit"], b["fit"])}
+
+
+class Predict(MRJob):
+    """``pdp predict MODEL``: one JSON object per input record, in input order. The model
+    file travels in the job's spec (``spec["model"]``, as a round job's model does)."""
+
+    OUTPUT_PROTOCOL = JSONValueProtocol
+
+    def map_chunk(self, path: str, start: int, end: int, spec: dict[str, Any], workdir: str
+                  ) -> Iterator[tuple[list[int], Any]]:
+        from pdp.train.models import predict
+        from pdp.train.table import encode
+
+        model = check_model(spec.get("model"))
+        name, rows = _rows(path, start, end, spec)
+        x, _, _, lines = encode(rows, model["layout"], name, need_target=False)
+        index = int(spec.get("input_index", 0))
+        for line, out in zip(lines, predict(model, x)):
+            yield [index, line], out
+
+    def reducer(self, key: Any, values: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        for value in values:
+            yield key, value
+
+
+def check_model(model: Any) -> dict[str, Any]:
+    """``model`` if it is a model file of ``pdp train``; InputError saying what it is not."""
+    if not isinstance(model, dict) or model.get("format") != FORMAT:
+        raise InputError(f"that is not a pdp model file (format {FORMAT}): make one with `pdp train`")
+    return model
+
+
+class Stats(MRJob):
+    """``pdp stats``: per column count, missing, mean, std, min, max, quantiles, distinct, top."""
+
+    OUTPUT_PROTOCOL = RawValueProtocol
+
+    def map_chunk(self, path: str, start: int, end: int, spec: dict[str, Any], workdir: str
+                  ) -> Iterator[tuple[str, bytes]]:
+        from pdp.train.stats import partial
+
+        name, rows = _rows(path, start, end, spec)
+        yield KEY, codec.pack(partial(rows, name))
+
+    def combiner(self, key: str, values: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
+        from pdp.train.stats import merge
+
+        yield key, codec.pack(reduce(merge, (codec.unpack(v) for v in values)))
+
+    def reducer(self, key: str, values: Iterable[bytes]) -> Iterator[tuple[str, str]]:
+        from pdp.train.stats import finish, merge
+
+        yield key, json.dumps(finish(reduce(merge, (codec.unpack(v) for v in values))), sort_keys=False)
