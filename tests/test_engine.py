@@ -212,8 +212,12 @@ def _big_job(tmp: str, sort_mb: float) -> dict[str, Any]:
 
 def test_reducer_over_ten_times_its_sort_buffer_stays_in_memory_limit(tmp_path: Path) -> None:
     """A task process limited to 200 MiB maps and reduces a partition of over 10 x its 4 MiB
-    sort buffer; the same work with a buffer big enough to hold it all exceeds the limit."""
-    with ProcessPoolExecutor(1) as pool:
+    sort buffer; the same work with a buffer big enough to hold it all exceeds the limit.
+    (A spawned process, as a node's pool: a forked one would inherit this test process's heap,
+    numpy's and scikit-learn's included, and count it against the limit.)"""
+    import multiprocessing
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         ok = pool.submit(run_limited, 200 * MiB, 0, _big_job, str(tmp_path), 4).result(timeout=300)
         assert ok["map_bytes"] > 10 * 4 * MiB
         assert ok["keys"] == ok["records"] == 300 * 2000

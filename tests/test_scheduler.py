@@ -384,3 +384,27 @@ def test_master_loop_runs_every_job_to_assembly(seed: int) -> None:
     for j in jobs:
         first_reduce = min(assigned.index((j, "reduce", r)) for r in range(s.jobs[j].n_reduce))
         assert all(assigned.index((j, "map", t.index)) < first_reduce for t in s.jobs[j].maps)
+
+
+def test_an_iterative_round_gives_a_chunk_to_the_member_that_mapped_it_before() -> None:
+    """Round 2 of a training job: each member first gets the chunks it mapped in round 1
+    (it keeps their parsed arrays), although another member holds the input; and the
+    round's model and the next round come from the state's `round` order."""
+    s = fresh()
+    inputs = [{"name": "d.csv", "size": 16, "file_id": "d0", "holders": ["a"]}]
+    ok(s, {"op": "submit", "id": "t", "kind": "train", "inputs": inputs, "n_reduce": 1, "chunk_size": 4,
+           "form": {}, "now": 1.0, "spec": {"builtin": "train", "iterate": True}})
+    job = s.jobs["t"]
+    for t in job.maps:
+        who = "b" if t.index % 2 else "a"
+        assign(s, "t", "map", t.index, who)
+        complete(s, "t", "map", t.index, who)
+    run_all(s, "t", "reduce")
+    assert job.state == "assembling" and [j.id for j in jobs_to_assemble(s)] == ["t"]
+    stale = s.apply({"op": "round", "job": "t", "term": TERM, "round": 1, "model": {"w": 1}, "done": False})
+    assert stale["ok"] is False and job.step == 0  # not the round it is in: refused, nothing changed
+    ok(s, {"op": "round", "job": "t", "term": TERM, "round": 0, "model": {"w": [1.0, 2.0]}, "done": False})
+    assert job.step == 1 and job.state == "mapping" and job.spec["model"] == {"w": [1.0, 2.0]}
+    assert [(t.start, t.end) for t in job.current("map")] == [(t.start, t.end) for t in job.maps if t.step == 0]
+    first = picked(s, "b")
+    assert first is not None and first[2] % 2 == 1  # b's own chunk from round 1, not a's local ones

@@ -113,10 +113,16 @@ def _running_by_submitter(state: State, reserved: set[TaskKey]) -> dict[str, int
 
 
 def _order(job: Job, tasks: list[Task], node: str, good: bool) -> list[Task]:
-    """Local maps first; then the largest tasks for a good member, the smallest for a poor one."""
-    def rank(t: Task) -> tuple[bool, int, int]:
+    """Warm maps first (an iterative job's chunk on the member that mapped it the round
+    before: it keeps the parsed arrays), then local ones; then the largest tasks for a good
+    member, the smallest for a poor one."""
+    per_round = sum(1 for m in job.maps if m.step == 0) if job.iterative and job.step > 0 else 0
+
+    def rank(t: Task) -> tuple[bool, bool, int, int]:
+        warm = bool(per_round) and t.phase == "map" and t.index >= per_round \
+            and job.maps[t.index - per_round].node == node
         local = t.phase == "map" and node in job.step_inputs()[t.input].get("holders", ())
-        return (not local, -t.size() if good else t.size(), t.index)
+        return (not warm, not local, -t.size() if good else t.size(), t.index)
     return sorted(tasks, key=rank)
 
 

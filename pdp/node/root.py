@@ -73,7 +73,11 @@ JANITOR_EVERY = 10.0  # seconds between sweeps of the spool for files of ended j
 
 def new_pool(workers: int) -> ProcessPoolExecutor:
     """The task pool: spawned processes (never forked from a threaded node) that exit when
-    their node dies, even by SIGKILL (no orphaned task processes left holding memory)."""
+    their node dies, even by SIGKILL (no orphaned task processes left holding memory).
+    numpy's BLAS in them keeps to one thread: the pool already has a process per slot, and
+    each BLAS thread would reserve its own buffers under the owner's ``memory`` limit."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")  # (spawned processes inherit the environment)
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_die_with_parent, initargs=(os.getpid(),))
 

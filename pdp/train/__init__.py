@@ -10,5 +10,8 @@
   distinct counts and top values, mergeable across chunks.
 
 Everything here is pure and deterministic (no sockets, no clocks): the party's glue is the
-built-in job :mod:`pdp.jobs.builtin.train`.
+built-in job :mod:`pdp.jobs.builtin.train`. This module itself imports nothing (numpy is
+loaded only by the tasks that train).
 """
+
+FORMAT = "pdp-model/1"  # the model file's "format"

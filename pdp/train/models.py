@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 
 from pdp.errors import ConfigError, InputError
-from pdp.train import table
+from pdp.train import FORMAT, table
 
 ALGORITHMS = ("linear", "logistic", "naive-bayes", "kmeans")
-FORMAT = "pdp-model/1"
 _TASKS = {"linear": "regression", "logistic": "classification",
           "naive-bayes": "classification", "kmeans": "none"}
 _DEFAULTS: dict[str, dict[str, Any]] = {

@@ -107,10 +107,10 @@ def empty() -> dict[str, Any]:
     return {"version": VERSION, "rows": 0, "columns": [], "stats": {}}
 
 
-def _moments(values: list[float]) -> dict[str, Any]:
+def _moments(values: list[float] | np.ndarray) -> dict[str, Any]:
     """n, shift, mean of ``x - shift``, M2, min, max. ``shift`` (the chunk's first value) keeps
     the mean's low digits: ``1e9 + 1e-3 * noise`` would otherwise lose them in the merges."""
-    if not values:
+    if len(values) == 0:
         return {"n": 0, "shift": 0.0, "mean": 0.0, "m2": 0.0, "min": None, "max": None}
     arr = np.asarray(values, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -127,8 +127,8 @@ def _moments(values: list[float]) -> dict[str, Any]:
             "min": float(arr.min()), "max": float(arr.max())}
 
 
-def _kll_bytes(values: list[float]) -> bytes | None:
-    if not values:
+def _kll_bytes(values: list[float] | np.ndarray) -> bytes | None:
+    if len(values) == 0:
         return None
     sk = ds.kll_doubles_sketch(KLL_K)
     sk.update(np.asarray(values, dtype=np.float64))
@@ -139,7 +139,7 @@ def _hll_bytes(texts: list[str]) -> bytes | None:
     if not texts:
         return None
     sk = ds.hll_sketch(HLL_LG_K)
-    for t in texts:
+    for t in set(texts):  # (a repeated value changes nothing in an HLL sketch)
         sk.update(t)
     return bytes(sk.serialize_compact())
 
@@ -156,7 +156,7 @@ def _freq_bytes(texts: list[str]) -> bytes | None:
     return bytes(sk.serialize())
 
 
-def _column(numbers: list[float], all_texts: list[str], texts: list[str]) -> dict[str, Any]:
+def _column(numbers: list[float] | np.ndarray, all_texts: list[str], texts: list[str]) -> dict[str, Any]:
     return {"count": len(all_texts), "text": len(texts), **_moments(numbers),
             "kll": _kll_bytes(numbers), "hll": _hll_bytes(all_texts), "freq": _freq_bytes(texts)}
 
@@ -188,6 +188,13 @@ def partial(rows: Iterable[tuple[int, dict[str, Any]]], name: str) -> dict[str, 
                 texts[col].append(text)
     stats = {c: _column(numbers[c], all_texts[c], texts[c]) for c in order}
     return {"version": VERSION, "rows": n_rows, "columns": order, "stats": stats}
+
+
+def partial_plain(header: list[str], cells: np.ndarray, tokens: list[list[str]]) -> dict[str, Any]:
+    """:func:`partial` of a chunk of plain numbers (:mod:`pdp.train.fastcsv`): its cells as a
+    matrix and their text, a column each; the same result, at numpy's speed."""
+    stats = {c: _column(cells[:, j], tokens[j], []) for j, c in enumerate(header)} if len(cells) else {}
+    return {"version": VERSION, "rows": int(cells.shape[0]), "columns": list(stats), "stats": stats}
 
 
 # -- merge -------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdp.jobs.builtin.chaos import Chaos
+from pdp.jobs.builtin.chaos import Chaos, SlowTrain
 from pdp.jobs.builtin.grep import Grep
 from pdp.jobs.builtin.indexer import Indexer
 from pdp.jobs.builtin.sort import Sort
@@ -11,4 +11,4 @@ from pdp.jobs.builtin.wordcount import WordCount
 
 BUILTINS: dict[str, type] = {"wordcount": WordCount, "grep": Grep, "indexer": Indexer, "sort": Sort,
                              "train": Train, "predict": Predict, "stats": Stats}
-TEST_ONLY: dict[str, type] = {"chaos": Chaos}  # with PDP_TEST_KINDS=1 only
+TEST_ONLY: dict[str, type] = {"chaos": Chaos, "slowtrain": SlowTrain}  # with PDP_TEST_KINDS=1 only

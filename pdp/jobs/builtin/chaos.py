@@ -1,4 +1,5 @@
-"""Test-only job kind ``chaos``: word count whose task calls misbehave on purpose.
+"""Test-only job kinds: ``chaos``, word count whose task calls misbehave on purpose, and
+``slowtrain`` (:class:`SlowTrain`).
 
 Enabled only on nodes started with ``PDP_TEST_KINDS=1``. The behaviour comes from the
 node's environment, ``PDP_CHAOS`` (comma-separated ``key=value``):
@@ -21,10 +22,11 @@ from __future__ import annotations
 import os
 import random
 import time
-
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
+from pdp.jobs.builtin.train import Train
 from pdp.jobs.builtin.wordcount import WordCount
 from pdp.jobs.progress import report
 
@@ -75,3 +77,13 @@ class Chaos(WordCount):
     def reducer_init(self) -> Iterator[tuple[str, int]]:
         _misbehave()
         return iter(())
+
+
+class SlowTrain(Train):
+    """Test-only ``slowtrain``: ``train`` whose every map sleeps ``PDP_CHAOS``'s ``sleep``
+    seconds first (rounds slow enough to kill members at chosen points; same models)."""
+
+    def map_chunk(self, path: str, start: int, end: int, spec: dict[str, Any], workdir: str
+                  ) -> Iterator[tuple[str, bytes]]:
+        time.sleep(_settings().get("sleep", 0.0))
+        return super().map_chunk(path, start, end, spec, workdir)

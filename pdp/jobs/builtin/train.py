@@ -27,17 +27,20 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from functools import reduce
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from pdp.errors import InputError
 from pdp.jobs import inputs
 from pdp.jobs.api import JSONValueProtocol, MRJob, RawValueProtocol
-from pdp.train import codec
+from pdp.train import FORMAT
 
-FORMAT = "pdp-model/1"
+if TYPE_CHECKING:  # numpy and the numerics load in the tasks that train, not with every built-in
+    import numpy as np
+
+    from pdp.train.fastcsv import Plain
+
 KEY = "s"  # every chunk's partial goes to one key: one reduce sums them all
+MAX_PLAIN = 256 << 20  # bytes of a chunk the fast path reads into memory at once
 
 
 def _rows(path: str, start: int, end: int, spec: dict[str, Any]) -> tuple[str, Iterator[tuple[int, Any]]]:
@@ -50,6 +53,27 @@ def _rows(path: str, start: int, end: int, spec: dict[str, Any]) -> tuple[str, I
     records = inputs.records(path, start, end, data_type, name=name, line=int(spec.get("line", 1)),
                              header=spec.get("header"), numbered=True, base=int(spec.get("base", 0)))
     return name, _objects(records, name)
+
+
+def _plain(path: str, start: int, end: int, spec: dict[str, Any]) -> Plain | None:
+    """The range as a :class:`pdp.train.fastcsv.Plain` when it is a CSV chunk of plain
+    numbers (the common case, parsed by numpy at C speed), else None (read record by record)."""
+    from pdp.train import fastcsv
+
+    if (spec.get("data_type") or "text") != "csv" or end - start > MAX_PLAIN:
+        return None
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    header, line = spec.get("header"), int(spec.get("line", 1))
+    if int(spec.get("base", 0)) + start == 0:  # the input's start: its BOM and header row
+        data = data.removeprefix(b"\xef\xbb\xbf")
+        first, _, data = data.partition(b"\n")
+        if b'"' in first:
+            return None
+        header = header or first.decode("utf-8", "replace").removesuffix("\r").split(",")
+        line += 1
+    return fastcsv.parse(data, list(header or []), line)
 
 
 def _objects(records: Iterable[tuple[Any, Any]], name: str) -> Iterator[tuple[int, Any]]:
@@ -116,14 +140,20 @@ class Train(MRJob):
 
     def map_chunk(self, path: str, start: int, end: int, spec: dict[str, Any], workdir: str
                   ) -> Iterator[tuple[str, bytes]]:
+        from pdp.train import codec, fastcsv
+
         model = spec.get("model")
         if model is None:  # the first round scans
             from pdp.train.models import sample_size
             from pdp.train.table import scan_partial
 
-            name, rows = _rows(path, start, end, spec)
-            scan = scan_partial(rows, name, sample=sample_size(self.options.algorithm, self.params),
-                                seed=int(self.params.get("seed", 0)))
+            size, seed = sample_size(self.options.algorithm, self.params), int(self.params.get("seed", 0))
+            plain = _plain(path, start, end, spec)
+            if plain is not None:
+                scan = fastcsv.scan(plain, str(spec.get("name") or path), sample=size, seed=seed)
+            else:
+                name, rows = _rows(path, start, end, spec)
+                scan = scan_partial(rows, name, sample=size, seed=seed)
             yield KEY, codec.pack({"scan": scan})
             return
         from pdp.train.models import partial
@@ -134,6 +164,9 @@ class Train(MRJob):
     def _arrays(self, path: str, start: int, end: int, spec: dict[str, Any], layout: dict[str, Any],
                 workdir: str) -> tuple[np.ndarray, np.ndarray | None, int]:
         """The chunk as arrays: parsed once per member and kept in ``workdir`` (the job's spool)."""
+        import numpy as np
+
+        from pdp.train import fastcsv
         from pdp.train.table import encode
 
         tag = hashlib.sha256(json.dumps([spec.get("name"), spec.get("input_index"), spec.get("base", 0) + start,
@@ -144,14 +177,20 @@ class Train(MRJob):
                 return got["x"], (got["y"] if bool(got["has_y"]) else None), int(got["dropped"])
         except (OSError, KeyError, ValueError):
             pass
-        name, rows = _rows(path, start, end, spec)
-        x, y, dropped, _ = encode(rows, layout, name)
+        plain = _plain(path, start, end, spec)
+        arrays = fastcsv.encode(plain, layout) if plain is not None else None
+        if arrays is None:
+            name, rows = _rows(path, start, end, spec)
+            arrays = encode(rows, layout, name)
+        x, y, dropped, _ = arrays
         tmp = f"{cache}.{os.getpid()}.tmp.npz"
         np.savez(tmp, x=x, y=y if y is not None else np.zeros(0), has_y=y is not None, dropped=dropped)
         os.replace(tmp, cache)
         return x, y, dropped
 
     def reducer(self, key: str, values: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
+        from pdp.train import codec
+
         yield key, codec.pack(reduce(_merge, (codec.unpack(v) for v in values)))
 
     combiner = reducer
@@ -160,6 +199,8 @@ class Train(MRJob):
 
     def update(self, model: dict[str, Any] | None, values: list[bytes]) -> dict[str, Any]:
         """The next model from the round's sum: ``{"model", "done", "text"}``."""
+        from pdp.train import codec
+
         total = reduce(_merge, (codec.unpack(v) for v in values))
         if model is None:
             from pdp.train.models import start, task_of
@@ -200,12 +241,18 @@ class Predict(MRJob):
 
     def map_chunk(self, path: str, start: int, end: int, spec: dict[str, Any], workdir: str
                   ) -> Iterator[tuple[list[int], Any]]:
+        from pdp.train import fastcsv
+
         from pdp.train.models import predict
         from pdp.train.table import encode
 
         model = check_model(spec.get("model"))
-        name, rows = _rows(path, start, end, spec)
-        x, _, _, lines = encode(rows, model["layout"], name, need_target=False)
+        plain = _plain(path, start, end, spec)
+        arrays = fastcsv.encode(plain, model["layout"], need_target=False) if plain is not None else None
+        if arrays is None:
+            name, rows = _rows(path, start, end, spec)
+            arrays = encode(rows, model["layout"], name, need_target=False)
+        x, _, _, lines = arrays
         index = int(spec.get("input_index", 0))
         for line, out in zip(lines, predict(model, x)):
             yield [index, line], out
@@ -229,17 +276,27 @@ class Stats(MRJob):
 
     def map_chunk(self, path: str, start: int, end: int, spec: dict[str, Any], workdir: str
                   ) -> Iterator[tuple[str, bytes]]:
-        from pdp.train.stats import partial
+        from pdp.train import codec
 
+        from pdp.train.stats import partial, partial_plain
+
+        plain = _plain(path, start, end, spec)
+        if plain is not None:
+            yield KEY, codec.pack(partial_plain(plain.header, plain.cells, plain.tokens))
+            return
         name, rows = _rows(path, start, end, spec)
         yield KEY, codec.pack(partial(rows, name))
 
     def combiner(self, key: str, values: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
+        from pdp.train import codec
+
         from pdp.train.stats import merge
 
         yield key, codec.pack(reduce(merge, (codec.unpack(v) for v in values)))
 
     def reducer(self, key: str, values: Iterable[bytes]) -> Iterator[tuple[str, str]]:
+        from pdp.train import codec
+
         from pdp.train.stats import finish, merge
 
         yield key, json.dumps(finish(reduce(merge, (codec.unpack(v) for v in values))), sort_keys=False)

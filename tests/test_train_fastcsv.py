@@ -1,0 +1,88 @@
+"""The fast path for plain-number CSV chunks gives exactly what the general, record-by-record
+path gives (scan partial, arrays, lines), and steps aside for anything it does not handle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pdp.jobs import inputs
+from pdp.jobs.builtin.train import _plain
+from pdp.train import fastcsv, table
+
+
+def _general(path: Path, start: int, end: int, header: list[str] | None, line: int) -> list[tuple[int, dict]]:
+    return list(inputs.records(str(path), start, end, "csv", name="d.csv", line=line, header=header, numbered=True))
+
+
+def _cuts(path: Path, chunk: int) -> tuple[list[tuple[int, int, int]], list[str]]:
+    from pdp.core.state import _ranges
+
+    splitter = inputs.Splitter("csv", chunk)
+    splitter.feed(path.read_bytes())
+    found = splitter.finish()
+    return _ranges({"size": found["size"], "cuts": found["cuts"]}, chunk), found["header"]
+
+
+@pytest.mark.parametrize("chunk", [300, 5000, 1 << 20])
+def test_the_fast_path_equals_the_general_one(tmp_path: Path, chunk: int) -> None:
+    rng = np.random.default_rng(3)
+    path = tmp_path / "d.csv"
+    x = rng.standard_normal((400, 3)) * [1.0, 1e6, 1e-6]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("a,b,c,label\r\n")
+        for k, row in enumerate(x):
+            f.write(",".join(repr(float(v)) for v in row) + f",{k % 3 * 5}\r\n")
+    ranges, header = _cuts(path, chunk)
+    assert len(ranges) > 1 or chunk > os.path.getsize(path)
+    fast_parts, slow_parts = [], []
+    for start, end, line in ranges:
+        spec = {"data_type": "csv", "header": header, "line": line, "name": "d.csv"}
+        plain = _plain(str(path), start, end, spec)
+        assert plain is not None
+        rows = _general(path, start, end, header, line)
+        fast_parts.append(fastcsv.scan(plain, "d.csv", sample=50, seed=4))
+        slow_parts.append(table.scan_partial(rows, "d.csv", sample=50, seed=4))
+        assert fast_parts[-1] == slow_parts[-1]
+    merged = fast_parts[0]
+    for part in fast_parts[1:]:
+        merged = table.merge_scan(merged, part)
+    layout = table.make_layout(merged, target="label", features=None, task="classification")
+    for start, end, line in ranges:
+        spec = {"data_type": "csv", "header": header, "line": line, "name": "d.csv"}
+        got = fastcsv.encode(_plain(str(path), start, end, spec), layout)  # type: ignore[arg-type]
+        want = table.encode(_general(path, start, end, header, line), layout, "d.csv")
+        assert got is not None
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])  # type: ignore[arg-type]
+        assert got[2:] == want[2:]
+
+
+@pytest.mark.parametrize("body", ['1,"2"\n', "1,\n", "1,x\n", "1, 2\n", "1,2\n\n3,4\n", "1,2,3\n", "1,inf\n",
+                                  "1_0,2\n", "1,2\r3,4\n"])
+def test_anything_but_plain_numbers_takes_the_general_path(body: str) -> None:
+    assert fastcsv.parse(body.encode(), ["a", "b"], 2) is None
+
+
+def test_a_category_column_is_encoded_by_the_general_path(tmp_path: Path) -> None:
+    plain = fastcsv.parse(b"1,2\n3,4\n", ["a", "b"], 2)
+    assert plain is not None
+    layout = {"columns": [{"name": "a", "kind": "categorical", "categories": ["1", "3"], "width": 2}],
+              "features": ["a=1", "a=3"], "task": "none", "target": None, "classes": None, "missing": "drop"}
+    assert fastcsv.encode(plain, layout) is None
+
+
+def test_stats_of_a_plain_chunk_equal_the_general_ones(tmp_path: Path) -> None:
+    from pdp.train import stats
+
+    path = tmp_path / "d.csv"
+    path.write_text("a,b\n" + "".join(f"{k * 0.5},{k % 7}\n" for k in range(150)))  # under KLL's k: exact
+    ranges, header = _cuts(path, 1 << 20)
+    [(start, end, line)] = ranges
+    plain = _plain(str(path), start, end, {"data_type": "csv", "header": header, "line": line})
+    assert plain is not None
+    fast = stats.partial_plain(plain.header, plain.cells, plain.tokens)
+    assert fast == stats.partial(_general(path, start, end, header, line), "d.csv")
+    assert stats.finish(fast)["b"]["distinct"] == 7
