@@ -2,7 +2,7 @@
 process, with each node's peak RSS (the node and its task processes).
 
     pip install pandas          # the baseline only
-    python bench/stats_csv.py [--mb 1024] [--chunk-mb 16]
+    python bench/stats_csv.py [--mb 1024] [--chunk-mb 8]
 
 The input is a generated block (seeded: 10 numeric columns of several distributions, one
 text column) repeated up to the size. Prints the party's time (submit to result), pandas'
@@ -88,7 +88,7 @@ async def party_stats(party: LocalParty, data: Path, out: Path, chunk_mb: float)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=1024)
-    ap.add_argument("--chunk-mb", type=float, default=16)
+    ap.add_argument("--chunk-mb", type=float, default=8)  # the nodes' default chunk_mb
     opts = ap.parse_args()
     import pandas as pd
 

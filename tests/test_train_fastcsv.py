@@ -86,3 +86,24 @@ def test_stats_of_a_plain_chunk_equal_the_general_ones(tmp_path: Path) -> None:
     fast = stats.partial_plain(plain.header, plain.cells, plain.tokens)
     assert fast == stats.partial(_general(path, start, end, header, line), "d.csv")
     assert stats.finish(fast)["b"]["distinct"] == 7
+
+
+def test_class_indexes_by_number_only_when_the_numbers_name_the_labels() -> None:
+    from pdp.train.fastcsv import _class_indexes
+
+    got = _class_indexes(np.array([10.0, 0.0, 2.0, 2.0]), ["0", "2", "10"])
+    assert got is not None and got.tolist() == [2, 0, 1, 1]
+    assert _class_indexes(np.array([1.0]), ["1", "1.0"]) is None  # two labels, one number
+    assert _class_indexes(np.array([3.0]), ["0", "2"]) is None  # no such class
+    assert _class_indexes(np.array([0.0]), ["0", "red"]) is None  # a text label
+
+
+def test_a_later_round_reads_the_cells_the_scan_kept(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("a,b\n" + "".join(f"{k},{k % 2}\n" for k in range(50)))
+    spec = {"data_type": "csv", "header": ["a", "b"], "line": 1, "name": "d.csv"}
+    first = _plain(str(path), 0, path.stat().st_size, spec, str(tmp_path))
+    path.write_text("garbage that would not parse\n")  # from now on only the kept cells can answer
+    again = _plain(str(path), 0, 4 + sum(len(f"{k},{k % 2}\n") for k in range(50)), spec, str(tmp_path), reuse=True)
+    assert first is not None and again is not None
+    assert np.array_equal(first.cells, again.cells) and again.header == ["a", "b"] and again.line == first.line

@@ -5,8 +5,9 @@ tokens, or None when the chunk is anything but plain: a quote, a space or tab, a
 line, a ragged row, a value that is not a number (a category, a missing value), a ``_``
 digit separator. The general path (:mod:`pdp.train.table`, record by record) then reads
 it, with the same results: :func:`scan` gives exactly what :func:`pdp.train.table.scan_partial`
-gives for these rows, and :func:`encode` what :func:`pdp.train.table.encode` gives.
-The tests check both against the general path.
+gives for these rows (but for the stand-ins of a column with too many distinct values, see
+:func:`_values`), and :func:`encode` what :func:`pdp.train.table.encode` gives. The tests
+check both against the general path.
 """
 
 from __future__ import annotations
@@ -61,9 +62,16 @@ def parse(data: bytes, header: list[str], line: int) -> Plain | None:
     return Plain(header, cells, [flat[j::width] for j in range(width)], line)
 
 
-def _capped(counts: Counter[str]) -> dict[str, int]:
-    keys = sorted(counts)[:_CAP]
-    return {k: counts[k] for k in keys}
+def _values(tokens: list[str], values: np.ndarray) -> dict[str, int]:
+    """A column's distinct values with counts, as :func:`pdp.train.table.scan_partial`
+    keeps them: exact while there are few. Past ``_CAP`` distinct numbers only their being
+    too many is ever read (a numeric feature ignores them; a target or a category of so many
+    fails), so any ``_CAP`` of them stand for the rest, without sorting a million strings."""
+    distinct = np.unique(values)
+    if len(distinct) > _CAP:
+        return {repr(float(v)): 1 for v in distinct[:_CAP]}
+    counts = Counter(tokens)
+    return {k: counts[k] for k in sorted(counts)[:_CAP]}
 
 
 def scan(chunk: Plain, name: str, *, sample: int = 0, seed: int = 0) -> dict[str, Any]:
@@ -74,7 +82,7 @@ def scan(chunk: Plain, name: str, *, sample: int = 0, seed: int = 0) -> dict[str
         values = chunk.cells[:, j]
         cols[col] = {"present": n, "missing": 0, "numeric": n, "sum": exact_sum(values.tolist()),
                      "min": float(values.min()), "max": float(values.max()),
-                     "cats": {}, "values": _capped(Counter(chunk.tokens[j])), "first": [chunk.line, j]}
+                     "cats": {}, "values": _values(chunk.tokens[j], values), "first": [chunk.line, j]}
     kept: list[list[Any]] = []
     if sample > 0 and n:
         keys = ((hash64(seed, name, chunk.line + k), chunk.line + k, k) for k in range(n))
@@ -102,9 +110,23 @@ def encode(chunk: Plain, layout: dict[str, Any], *, need_target: bool = True
         return None
     if layout["task"] == "regression":
         return x, chunk.cells[:, index[target]].copy(), 0, lines
-    classes = {c: i for i, c in enumerate(layout["classes"] or [])}
+    y = _class_indexes(chunk.cells[:, index[target]], layout["classes"] or [])
+    return None if y is None else (x, y, 0, lines)
+
+
+def _class_indexes(values: np.ndarray, classes: list[str]) -> np.ndarray | None:
+    """Each row's class index from its target as a number. Exact: the classes are every
+    label the scan saw, so when no two of them are the same number ("1" and "1.0"), a
+    row's number names its label. None when two do, or a number is no class's."""
     try:
-        y = np.array([classes[t] for t in chunk.tokens[index[target]]], dtype=np.int64)
-    except KeyError:
-        return None  # a class the scan did not see: the general path says which
-    return x, y, 0, lines
+        numbers = [float(c) for c in classes]
+    except ValueError:
+        return None  # a text label (from a chunk the general path read)
+    if len(set(numbers)) != len(numbers):
+        return None
+    order = np.argsort(numbers)
+    ordered = np.asarray(numbers)[order]
+    at = np.clip(np.searchsorted(ordered, values), 0, len(ordered) - 1)
+    if len(values) and not np.array_equal(ordered[at], values):
+        return None
+    return np.asarray(order, dtype=np.int64)[at]

@@ -10,9 +10,10 @@ scan, :mod:`pdp.train.table`) precedes :func:`start`. Models are plain data (no 
 * ``logistic``: Newton's method on ``C * sum(log loss) + 0.5 * ||W||^2`` (intercept not
   penalised; sklearn's minimiser), sigmoid for two classes, softmax over all K for more. A
   round evaluates loss, gradient and Hessian at the current point; a point whose objective
-  is higher than the last accepted one is rejected and the step halved. Stops when
-  ``max|gradient of the objective| / n <= tol`` at an accepted point, or after ``max_iter``
-  rounds (the last accepted point is the model). ``loss``: mean training log loss.
+  is higher than the last accepted one is rejected and the step halved. Stops when, at an
+  accepted point, ``max|gradient of the objective| / n <= tol`` and the Newton step moves no
+  weight by more than ``tol * max(1, max|W|)``, or after ``max_iter`` rounds (the last
+  accepted point is the model). ``loss``: mean training log loss.
 * ``naive-bayes``: one round; ``kind`` "gaussian" (Chan-merged per-class moments,
   sklearn's ``var_smoothing``) or "multinomial" (non-negative counts, smoothing ``alpha``).
   ``loss``: mean negative joint log-likelihood on the training rows.
@@ -283,9 +284,14 @@ def _logistic_update(model: dict[str, Any], total: dict[str, Any]) -> tuple[dict
     best = {"theta": st["theta"], "f": f, "loss": total["loss"] / n}
     st.update(best=best, halvings=0)
     model = dict(model, loss=best["loss"])
-    if float(np.max(np.abs(g))) / n <= p["tol"] or model["round"] >= p["max_iter"]:
-        return dict(model, state=st), True
     step = -np.linalg.lstsq(H, g, rcond=None)[0]
+    # Done when the mean gradient is within tol and the Newton step (the distance to the
+    # optimum, near it) moves no weight by more than tol relative to the largest: a flat
+    # objective (nearly separable classes) has a small gradient far from its optimum.
+    theta = np.asarray(best["theta"])
+    small = float(np.max(np.abs(step))) <= p["tol"] * max(1.0, float(np.max(np.abs(theta))))
+    if (float(np.max(np.abs(g))) / n <= p["tol"] and small) or model["round"] >= p["max_iter"]:
+        return dict(model, state=st), True
     st["step"] = step.tolist()
     st["theta"] = (np.asarray(best["theta"]) + step).tolist()
     return dict(model, state=st), False

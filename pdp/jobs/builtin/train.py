@@ -55,13 +55,26 @@ def _rows(path: str, start: int, end: int, spec: dict[str, Any]) -> tuple[str, I
     return name, _objects(records, name)
 
 
-def _plain(path: str, start: int, end: int, spec: dict[str, Any]) -> Plain | None:
+def _plain(path: str, start: int, end: int, spec: dict[str, Any], workdir: str | None = None,
+           reuse: bool = False) -> Plain | None:
     """The range as a :class:`pdp.train.fastcsv.Plain` when it is a CSV chunk of plain
-    numbers (the common case, parsed by numpy at C speed), else None (read record by record)."""
+    numbers (the common case, parsed by numpy at C speed), else None (read record by record).
+    With ``workdir`` (the job's spool), the parsed cells are kept there for the next round;
+    with ``reuse`` too they are read back from there (without the cells' text, which only
+    the scan needs)."""
+    import numpy as np
+
     from pdp.train import fastcsv
 
     if (spec.get("data_type") or "text") != "csv" or end - start > MAX_PLAIN:
         return None
+    cache = _cache_path(workdir, "plain", path, start, end, spec) if workdir else None
+    if cache is not None and reuse:
+        try:
+            with np.load(cache, allow_pickle=False) as got:
+                return fastcsv.Plain([str(h) for h in got["header"]], got["cells"], [], int(got["line"]))
+        except (OSError, KeyError, ValueError):
+            pass
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
@@ -73,7 +86,27 @@ def _plain(path: str, start: int, end: int, spec: dict[str, Any]) -> Plain | Non
             return None
         header = header or first.decode("utf-8", "replace").removesuffix("\r").split(",")
         line += 1
-    return fastcsv.parse(data, list(header or []), line)
+    plain = fastcsv.parse(data, list(header or []), line)
+    if plain is not None and cache is not None:
+        _save(cache, cells=plain.cells, header=np.array(plain.header), line=plain.line)
+    return plain
+
+
+def _cache_path(workdir: str, kind: str, path: str, start: int, end: int, spec: dict[str, Any],
+                extra: Any = None) -> str:
+    """Where a member keeps what it parsed of a map's range (its job's spool: the janitor
+    deletes it with the job), named for the input, the range and ``extra`` (a layout)."""
+    tag = hashlib.sha256(json.dumps([spec.get("name"), spec.get("input_index"), int(spec.get("base", 0)) + start,
+                                     end - start, extra], sort_keys=True).encode())
+    return os.path.join(workdir, f"train-{kind}-{tag.hexdigest()[:32]}.npz")
+
+
+def _save(cache: str, **arrays: Any) -> None:
+    import numpy as np
+
+    tmp = f"{cache}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, cache)
 
 
 def _objects(records: Iterable[tuple[Any, Any]], name: str) -> Iterator[tuple[int, Any]]:
@@ -148,7 +181,7 @@ class Train(MRJob):
             from pdp.train.table import scan_partial
 
             size, seed = sample_size(self.options.algorithm, self.params), int(self.params.get("seed", 0))
-            plain = _plain(path, start, end, spec)
+            plain = _plain(path, start, end, spec, workdir)
             if plain is not None:
                 scan = fastcsv.scan(plain, str(spec.get("name") or path), sample=size, seed=seed)
             else:
@@ -169,23 +202,19 @@ class Train(MRJob):
         from pdp.train import fastcsv
         from pdp.train.table import encode
 
-        tag = hashlib.sha256(json.dumps([spec.get("name"), spec.get("input_index"), spec.get("base", 0) + start,
-                                         end - start, layout], sort_keys=True).encode())
-        cache = os.path.join(workdir, f"train-{tag.hexdigest()[:32]}.npz")
+        cache = _cache_path(workdir, "arrays", path, start, end, spec, layout)
         try:
             with np.load(cache, allow_pickle=False) as got:
                 return got["x"], (got["y"] if bool(got["has_y"]) else None), int(got["dropped"])
         except (OSError, KeyError, ValueError):
             pass
-        plain = _plain(path, start, end, spec)
+        plain = _plain(path, start, end, spec, workdir, reuse=True)
         arrays = fastcsv.encode(plain, layout) if plain is not None else None
         if arrays is None:
             name, rows = _rows(path, start, end, spec)
             arrays = encode(rows, layout, name)
         x, y, dropped, _ = arrays
-        tmp = f"{cache}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, x=x, y=y if y is not None else np.zeros(0), has_y=y is not None, dropped=dropped)
-        os.replace(tmp, cache)
+        _save(cache, x=x, y=y if y is not None else np.zeros(0), has_y=y is not None, dropped=dropped)
         return x, y, dropped
 
     def reducer(self, key: str, values: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
