@@ -107,3 +107,45 @@ def test_a_later_round_reads_the_cells_the_scan_kept(tmp_path: Path) -> None:
     again = _plain(str(path), 0, 4 + sum(len(f"{k},{k % 2}\n") for k in range(50)), spec, str(tmp_path), reuse=True)
     assert first is not None and again is not None
     assert np.array_equal(first.cells, again.cells) and again.header == ["a", "b"] and again.line == first.line
+
+
+def test_stats_of_a_chunk_with_text_and_gaps_equal_the_general_ones(tmp_path: Path) -> None:
+    from pdp.train import stats
+
+    path = tmp_path / "d.csv"
+    path.write_text("a,word,gappy\n" + "".join(f"{k * 0.25},w{k % 5},{'' if k % 4 == 0 else k}\n" for k in range(120))
+                    + "7,12,NA\n")
+    ranges, header = _cuts(path, 1 << 20)
+    [(start, end, line)] = ranges
+    spec = {"data_type": "csv", "header": header, "line": line}
+    assert _plain(str(path), start, end, spec) is None  # not all numbers: not for training's fast path
+    plain = _plain(str(path), start, end, spec, columns=True)
+    assert plain is not None and plain.text == {1, 2}
+    fast = stats.partial_plain(plain.header, plain.cells, plain.tokens, plain.text)
+    assert fast == stats.partial(_general(path, start, end, header, line), "d.csv")
+
+
+def test_stats_read_in_blocks_equal_the_general_ones(tmp_path: Path) -> None:
+    from pdp.jobs.builtin import train
+    from pdp.train import stats
+
+    path = tmp_path / "d.csv"
+    path.write_text("a,word\n" + "".join(f"{k % 50},w{k % 3}\n" for k in range(3000)))
+    ranges, header = _cuts(path, 1 << 20)
+    [(start, end, line)] = ranges
+    spec = {"data_type": "csv", "header": header, "line": line}
+    old = train.STATS_BLOCK
+    try:
+        train.STATS_BLOCK = 500  # dozens of blocks
+        fast = train._plain_stats(str(path), start, end, spec)
+    finally:
+        train.STATS_BLOCK = old
+    assert fast is not None
+    want = stats.finish(stats.partial(_general(path, start, end, header, line), "d.csv"))
+    got = stats.finish(fast)
+    assert list(got) == list(want)
+    for col in want:  # merged block by block: the moments to rounding, the quantiles by the sketch
+        for key in ("type", "count", "missing", "min", "max", "distinct", "top"):
+            assert got[col][key] == want[col][key], (col, key)
+        for key in ("mean", "std"):
+            assert got[col][key] == (None if want[col][key] is None else pytest.approx(want[col][key], rel=1e-12)), key

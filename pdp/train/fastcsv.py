@@ -22,11 +22,13 @@ from pdp.train.table import _CAP, exact_sum, hash64
 
 
 class Plain:
-    """A chunk of plain numbers: ``cells`` (rows × columns floats), ``tokens`` (the text of
-    each column's cells) and the line number of its first row."""
+    """A chunk of plain records: ``cells`` (rows × columns floats), ``tokens`` (the text of
+    each column's cells), the line number of its first row, and ``text``: the columns that
+    are not all numbers (their cells are NaN; only :mod:`pdp.train.stats` reads those)."""
 
-    def __init__(self, header: list[str], cells: np.ndarray, tokens: list[list[str]], line: int) -> None:
-        self.header, self.cells, self.tokens, self.line = header, cells, tokens, line
+    def __init__(self, header: list[str], cells: np.ndarray, tokens: list[list[str]], line: int,
+                 text: frozenset[int] = frozenset()) -> None:
+        self.header, self.cells, self.tokens, self.line, self.text = header, cells, tokens, line, text
 
     @property
     def rows(self) -> int:
@@ -34,9 +36,18 @@ class Plain:
 
 
 def parse(data: bytes, header: list[str], line: int) -> Plain | None:
-    """``data``: whole records (no header row) starting at ``line``; None unless plain
-    (a header naming a column twice included: the general path keeps the last, as a dict)."""
-    if not header or len(set(header)) != len(header) or any(b in data for b in (b'"', b" ", b"\t", b"_")):
+    """``data``: whole records (no header row) starting at ``line``; None unless every
+    cell is a number (see :func:`parse_columns`)."""
+    plain = parse_columns(data, header, line)
+    return plain if plain is not None and not plain.text else None
+
+
+def parse_columns(data: bytes, header: list[str], line: int) -> Plain | None:
+    """``data`` as columns: the numeric ones as floats, the others (a category, a missing
+    value, text) marked in ``text``. None unless the records are plain: no quote, space or
+    tab, no blank line or ragged row, valid UTF-8, a header naming each column once (the
+    general path keeps the last of a repeated name, as a dict does)."""
+    if not header or len(set(header)) != len(header) or any(b in data for b in (b'"', b" ", b"\t")):
         return None
     try:
         text = data.decode("utf-8")
@@ -48,18 +59,25 @@ def parse(data: bytes, header: list[str], line: int) -> Plain | None:
     text = text.removesuffix("\n")
     if not text:
         return Plain(header, np.zeros((0, len(header))), [[] for _ in header], line)
-    rows = text.split("\n")
+    n, width = text.count("\n") + 1, len(header)
     flat = text.replace("\n", ",").split(",")
-    width = len(header)
-    if len(flat) != len(rows) * width:
+    if len(flat) != n * width:
         return None  # a ragged row, or a blank line: the general path says which
-    try:
-        cells = np.array(flat, dtype=np.float64).reshape(len(rows), width)
-    except ValueError:
-        return None
-    if not np.isfinite(cells).all():
-        return None  # "inf", "nan": text to the general path
-    return Plain(header, cells, [flat[j::width] for j in range(width)], line)
+    tokens = [flat[j::width] for j in range(width)]
+    del flat
+    cells = np.full((n, width), np.nan)
+    odd = set()
+    for j, col in enumerate(tokens):
+        try:
+            values = np.array(col, dtype=np.float64)
+        except ValueError:
+            odd.add(j)
+            continue
+        if not np.isfinite(values).all() or ("_" in text and any("_" in t for t in col)):
+            odd.add(j)  # "inf", "nan", "1_000": not numbers to the general path
+            continue
+        cells[:, j] = values
+    return Plain(header, cells, tokens, line, frozenset(odd))
 
 
 def _values(tokens: list[str], values: np.ndarray) -> dict[str, int]:

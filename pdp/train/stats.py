@@ -190,11 +190,32 @@ def partial(rows: Iterable[tuple[int, dict[str, Any]]], name: str) -> dict[str, 
     return {"version": VERSION, "rows": n_rows, "columns": order, "stats": stats}
 
 
-def partial_plain(header: list[str], cells: np.ndarray, tokens: list[list[str]]) -> dict[str, Any]:
-    """:func:`partial` of a chunk of plain numbers (:mod:`pdp.train.fastcsv`): its cells as a
-    matrix and their text, a column each; the same result, at numpy's speed."""
-    stats = {c: _column(cells[:, j], tokens[j], []) for j, c in enumerate(header)} if len(cells) else {}
+def partial_plain(header: list[str], cells: np.ndarray, tokens: list[list[str]],
+                  text: frozenset[int] = frozenset()) -> dict[str, Any]:
+    """:func:`partial` of a plain CSV chunk (:func:`pdp.train.fastcsv.parse_columns`): its
+    cells as a matrix and their text, a column each; ``text``: the columns that are not all
+    numbers, read value by value. The same result, the numeric columns at numpy's speed."""
+    stats = {}
+    for j, c in enumerate(header if len(cells) else []):
+        stats[c] = _column(*_classified(tokens[j])) if j in text else _column(cells[:, j], tokens[j], [])
     return {"version": VERSION, "rows": int(cells.shape[0]), "columns": list(stats), "stats": stats}
+
+
+def _classified(values: list[str]) -> tuple[list[float], list[str], list[str]]:
+    """(numbers, every non-missing value's text, the non-numeric ones' text) of a column."""
+    numbers: list[float] = []
+    all_texts: list[str] = []
+    texts: list[str] = []
+    for value in values:
+        kind, x, text = classify(value)
+        if kind == "missing":
+            continue
+        all_texts.append(text)
+        if x is not None:
+            numbers.append(x)
+        else:
+            texts.append(text)
+    return numbers, all_texts, texts
 
 
 # -- merge -------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # numpy and the numerics load in the tasks that train, not wi
 
 KEY = "s"  # every chunk's partial goes to one key: one reduce sums them all
 MAX_PLAIN = 256 << 20  # bytes of a chunk the fast path reads into memory at once
+STATS_BLOCK = 1 << 20  # stats parse a chunk in blocks of about this many bytes
 
 
 def _rows(path: str, start: int, end: int, spec: dict[str, Any]) -> tuple[str, Iterator[tuple[int, Any]]]:
@@ -56,12 +57,12 @@ def _rows(path: str, start: int, end: int, spec: dict[str, Any]) -> tuple[str, I
 
 
 def _plain(path: str, start: int, end: int, spec: dict[str, Any], workdir: str | None = None,
-           reuse: bool = False) -> Plain | None:
+           reuse: bool = False, columns: bool = False) -> Plain | None:
     """The range as a :class:`pdp.train.fastcsv.Plain` when it is a CSV chunk of plain
     numbers (the common case, parsed by numpy at C speed), else None (read record by record).
     With ``workdir`` (the job's spool), the parsed cells are kept there for the next round;
     with ``reuse`` too they are read back from there (without the cells' text, which only
-    the scan needs)."""
+    the scan needs). With ``columns``, a chunk with text columns is plain too (stats)."""
     import numpy as np
 
     from pdp.train import fastcsv
@@ -75,6 +76,19 @@ def _plain(path: str, start: int, end: int, spec: dict[str, Any], workdir: str |
                 return fastcsv.Plain([str(h) for h in got["header"]], got["cells"], [], int(got["line"]))
         except (OSError, KeyError, ValueError):
             pass
+    found = _csv_body(path, start, end, spec)
+    if found is None:
+        return None
+    data, header, line = found
+    plain = (fastcsv.parse_columns if columns else fastcsv.parse)(data, header, line)
+    if plain is not None and cache is not None:
+        _save(cache, cells=plain.cells, header=np.array(plain.header), line=plain.line)
+    return plain
+
+
+def _csv_body(path: str, start: int, end: int, spec: dict[str, Any]) -> tuple[bytes, list[str], int] | None:
+    """A CSV range's bytes without the input's BOM and header row, its header and the line
+    its first record is on; None when the header row is quoted (the general path reads it)."""
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
@@ -86,10 +100,37 @@ def _plain(path: str, start: int, end: int, spec: dict[str, Any], workdir: str |
             return None
         header = header or first.decode("utf-8", "replace").removesuffix("\r").split(",")
         line += 1
-    plain = fastcsv.parse(data, list(header or []), line)
-    if plain is not None and cache is not None:
-        _save(cache, cells=plain.cells, header=np.array(plain.header), line=plain.line)
-    return plain
+    return data, list(header or []), line
+
+
+def _blocks(data: bytes, line: int, size: int) -> Iterator[tuple[bytes, int]]:
+    """``data`` (whole lines) in pieces of about ``size`` bytes, each with its first line."""
+    at = 0
+    while at < len(data):
+        cut = data.find(b"\n", min(len(data), at + size) - 1)
+        cut = len(data) if cut < 0 else cut + 1
+        yield data[at:cut], line
+        line += data.count(b"\n", at, cut)
+        at = cut
+
+
+def _plain_stats(path: str, start: int, end: int, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """:func:`pdp.train.stats.partial` of a plain CSV range, parsed by numpy in blocks (the
+    cells' text stays small), or None: the general path reads it."""
+    from pdp.train import fastcsv
+    from pdp.train.stats import merge, partial_plain
+
+    found = _csv_body(path, start, end, spec) if (spec.get("data_type") or "text") == "csv" else None
+    if found is None:
+        return None
+    data, header, first = found
+    parts = []
+    for block, line in _blocks(data, first, STATS_BLOCK):
+        plain = fastcsv.parse_columns(block, header, line)
+        if plain is None:
+            return None
+        parts.append(partial_plain(plain.header, plain.cells, plain.tokens, plain.text))
+    return reduce(merge, parts) if parts else None
 
 
 def _cache_path(workdir: str, kind: str, path: str, start: int, end: int, spec: dict[str, Any],
@@ -306,26 +347,23 @@ class Stats(MRJob):
     def map_chunk(self, path: str, start: int, end: int, spec: dict[str, Any], workdir: str
                   ) -> Iterator[tuple[str, bytes]]:
         from pdp.train import codec
+        from pdp.train.stats import partial
 
-        from pdp.train.stats import partial, partial_plain
-
-        plain = _plain(path, start, end, spec)
-        if plain is not None:
-            yield KEY, codec.pack(partial_plain(plain.header, plain.cells, plain.tokens))
+        fast = _plain_stats(path, start, end, spec)
+        if fast is not None:
+            yield KEY, codec.pack(fast)
             return
         name, rows = _rows(path, start, end, spec)
         yield KEY, codec.pack(partial(rows, name))
 
     def combiner(self, key: str, values: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
         from pdp.train import codec
-
         from pdp.train.stats import merge
 
         yield key, codec.pack(reduce(merge, (codec.unpack(v) for v in values)))
 
     def reducer(self, key: str, values: Iterable[bytes]) -> Iterator[tuple[str, str]]:
         from pdp.train import codec
-
         from pdp.train.stats import finish, merge
 
         yield key, json.dumps(finish(reduce(merge, (codec.unpack(v) for v in values))), sort_keys=False)
