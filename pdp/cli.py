@@ -326,6 +326,9 @@ def _outcome_line(result: dict[str, Any]) -> str:
     return f"{result['id']}: {result['keys']} keys, {result['size']} bytes -> {result['output']}"
 
 
+DataTypeOpt = Annotated[Optional[str], typer.Option(help=DATA_TYPE_HELP)]
+ChunkOpt = Annotated[Optional[float], typer.Option(min=0.004, help="map chunk size in MiB (default: the node's)")]
+OutcomeJsonOpt = Annotated[bool, typer.Option("--json", help="print the outcome as one JSON object (as `pdp submit --json`)")]
 TRAIN_PARAMS = ("NAME=VALUE (repeatable). linear: alpha (ridge, default 0); logistic: C (1.0), tol (1e-4), "
                 "max_iter (100); naive-bayes: kind (gaussian or multinomial), alpha (1.0), var_smoothing (1e-9); "
                 "kmeans: k (required), seed (0), tol (1e-4), max_iter (300)")
@@ -342,10 +345,10 @@ def train(
     param: list[str] = typer.Option([], "--param", "-p", help=TRAIN_PARAMS),
     missing: str = typer.Option("drop", help="rows with a missing value: drop them, or mean: impute numeric "
                                              "features with the column mean (a missing target is dropped)"),
-    data_type: Optional[str] = typer.Option(None, help=DATA_TYPE_HELP),
-    chunk_mb: Optional[float] = typer.Option(None, min=0.004, help="map chunk size in MiB (default: the node's)"),
+    data_type: DataTypeOpt = None,
+    chunk_mb: ChunkOpt = None,
     node: NodeOpt = None,
-    as_json: bool = typer.Option(False, "--json", help="print the outcome as one JSON object (as `pdp submit --json`)"),
+    as_json: OutcomeJsonOpt = False,
     key_file: KeyOpt = None,
 ) -> None:
     """Fit a model over the party in rounds: `pdp train logistic data.csv --target y -o model.json`."""
@@ -369,10 +372,10 @@ def predict(
     model: Path = typer.Argument(..., help="a model file from `pdp train`"),
     inputs: list[Path] = typer.Argument(..., help="CSV or JSON Lines files with the model's feature columns"),
     output: Path = typer.Option(..., "--output", "-o", help="where to write one JSON line per input record"),
-    data_type: Optional[str] = typer.Option(None, help=DATA_TYPE_HELP),
-    chunk_mb: Optional[float] = typer.Option(None, min=0.004, help="map chunk size in MiB (default: the node's)"),
+    data_type: DataTypeOpt = None,
+    chunk_mb: ChunkOpt = None,
     node: NodeOpt = None,
-    as_json: bool = typer.Option(False, "--json", help="print the outcome as one JSON object (as `pdp submit --json`)"),
+    as_json: OutcomeJsonOpt = False,
     key_file: KeyOpt = None,
 ) -> None:
     """Apply a model to new data, a map-only job: `{"prediction": ...}` per record, in input order."""
@@ -392,8 +395,8 @@ def predict(
 def stats(
     inputs: list[Path] = typer.Argument(..., help="CSV (with a header row) or JSON Lines files on this machine"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also keep the JSON here"),
-    data_type: Optional[str] = typer.Option(None, help=DATA_TYPE_HELP),
-    chunk_mb: Optional[float] = typer.Option(None, min=0.004, help="map chunk size in MiB (default: the node's)"),
+    data_type: DataTypeOpt = None,
+    chunk_mb: ChunkOpt = None,
     node: NodeOpt = None,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object keyed by column name: count, missing, "
                                                         "mean, std, min, max, quantiles, ..."),
