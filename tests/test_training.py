@@ -10,7 +10,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from sklearn.naive_bayes import GaussianNB, MultinomialNB  # noqa: E402
 from pdp.local import LocalParty  # noqa: E402
 from pdp.train.stats import RANK_ERROR  # noqa: E402
 from conftest import ready_party  # noqa: E402
-from test_chaos import leader_index  # noqa: E402
+from test_chaos import leader_index, wait_until  # noqa: E402
 
 CHUNK = "0.004"  # MiB: 4 KiB chunks, dozens of maps per round on these datasets
 
@@ -237,14 +236,6 @@ def _rounds(party: LocalParty, job_id: str, node: int) -> int:
     return sum(json.loads(line)["kind"] == "round" for line in done.stdout.splitlines())
 
 
-def _wait(probe: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_the_same_model_when_a_member_dies_mid_round_and_the_leader_between_rounds(
         make_party: Callable[..., LocalParty], tmp_path: Path) -> None:
     """`slowtrain` (test-only) is `train` whose maps sleep 0.5 s: about ten rounds slow enough
@@ -266,13 +257,13 @@ def test_the_same_model_when_a_member_dies_mid_round_and_the_leader_between_roun
     job = pdp(party, "submit", "slowtrain", str(data), "--no-wait", "--data-type", "csv", "--", *job_args, node=gw)
     assert job.returncode == 0, job.stderr
     job_id = job.stdout.strip()
-    _wait(lambda: _rounds(party, job_id, gw) >= 2, 60, "round 3")
-    _wait(lambda: party.names[member] in _at_work(party, job_id, gw), 30, "a map running on the member")
+    wait_until(lambda: _rounds(party, job_id, gw) >= 2, 60, "round 3")
+    wait_until(lambda: party.names[member] in _at_work(party, job_id, gw), 30, "a map running on the member")
     party.kill(member)  # mid-round: its maps run again elsewhere
     party.start_node(member)
     asyncio.run(party.wait_ready(60))
     seen = _rounds(party, job_id, gw)
-    _wait(lambda: _rounds(party, job_id, gw) > seen, 60, "a round after the member came back")
+    wait_until(lambda: _rounds(party, job_id, gw) > seen, 60, "a round after the member came back")
     assert _state(party, job_id, gw) != "done", "the job ended before the leader could be killed: slow it down"
     assert leader_index(party) == leader
     party.kill(leader)  # between rounds (or just after one began)
@@ -283,20 +274,22 @@ def test_the_same_model_when_a_member_dies_mid_round_and_the_leader_between_roun
     assert _extra_attempts(party, job_id, gw) > 0  # the member's map did run again
 
 
-def _at_work(party: LocalParty, job_id: str, node: int) -> list[str]:
+def _job(party: LocalParty, job_id: str, node: int) -> dict[str, Any]:
+    """`pdp jobs JOB --json` at member ``node`` ({} if it did not answer)."""
     done = pdp(party, "jobs", job_id, "--json", node=node)
-    job = json.loads(done.stdout) if done.returncode == 0 else {}
+    return dict(json.loads(done.stdout)) if done.returncode == 0 else {}
+
+
+def _at_work(party: LocalParty, job_id: str, node: int) -> list[str]:
+    job = _job(party, job_id, node)
     return list(job.get("nodes_at_work", [])) if job.get("state") == "mapping" else []
 
 
 def _state(party: LocalParty, job_id: str, node: int) -> str:
-    done = pdp(party, "jobs", job_id, "--json", node=node)
-    return str(json.loads(done.stdout)["state"]) if done.returncode == 0 else ""
+    return str(_job(party, job_id, node).get("state", ""))
 
 
 def _extra_attempts(party: LocalParty, job_id: str, node: int) -> int:
     """Attempts beyond one per task (re-runs, backups)."""
-    done = pdp(party, "jobs", job_id, "--json", node=node)
-    assert done.returncode == 0, done.stderr
-    job = json.loads(done.stdout)
+    job = _job(party, job_id, node)
     return int(job["attempts"] - len(job["tasks"]))

@@ -150,13 +150,12 @@ def _run_job(make: Any, paths: list[tuple[Path, str]], out: BinaryIO, data_type:
     return {"counters": tasks.reporter.counters, "status": tasks.reporter.status, "lines": lines}
 
 
-def _run_chunked(job: Any, paths: list[tuple[Path, str]], out: BinaryIO, data_type: str | None,
-                 model: Any = None) -> dict[str, Any]:
+def _run_chunked(job: Any, paths: list[tuple[Path, str]], out: BinaryIO, data_type: str | None) -> dict[str, Any]:
     """A built-in that reads its ranges itself (``map_chunk``: training, predict, stats), one
     chunk per input; an ``ITERATE`` job runs its rounds until its ``update`` says done."""
     import tempfile
 
-    iterate = bool(getattr(job, "ITERATE", False))
+    iterate, model = bool(getattr(job, "ITERATE", False)), None
     with tempfile.TemporaryDirectory(prefix="pdp-run-chunks-") as work:
         while True:
             mapped: list[Pair] = []

@@ -239,11 +239,12 @@ def _merge_moments(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             "min": min(float(a["min"]), float(b["min"])), "max": max(float(a["max"]), float(b["max"]))}
 
 
-def _merge_kll(a: bytes | None, b: bytes | None) -> bytes | None:
+def _merge_sketch(kind: Any, a: bytes | None, b: bytes | None) -> bytes | None:
+    """Two serialized sketches of ``kind`` (KLL or frequent items) as one."""
     if a is None or b is None:
         return a if b is None else b
-    sk = ds.kll_doubles_sketch.deserialize(a)
-    sk.merge(ds.kll_doubles_sketch.deserialize(b))
+    sk = kind.deserialize(a)
+    sk.merge(kind.deserialize(b))
     return bytes(sk.serialize())
 
 
@@ -256,18 +257,10 @@ def _merge_hll(a: bytes | None, b: bytes | None) -> bytes | None:
     return bytes(union.get_result().serialize_compact())
 
 
-def _merge_freq(a: bytes | None, b: bytes | None) -> bytes | None:
-    if a is None or b is None:
-        return a if b is None else b
-    sk = ds.frequent_strings_sketch.deserialize(a)
-    sk.merge(ds.frequent_strings_sketch.deserialize(b))
-    return bytes(sk.serialize())
-
-
 def _merge_column(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {"count": int(a["count"]) + int(b["count"]), "text": int(a["text"]) + int(b["text"]),
-            **_merge_moments(a, b), "kll": _merge_kll(a["kll"], b["kll"]),
-            "hll": _merge_hll(a["hll"], b["hll"]), "freq": _merge_freq(a["freq"], b["freq"])}
+            **_merge_moments(a, b), "kll": _merge_sketch(ds.kll_doubles_sketch, a["kll"], b["kll"]),
+            "hll": _merge_hll(a["hll"], b["hll"]), "freq": _merge_sketch(ds.frequent_strings_sketch, a["freq"], b["freq"])}
 
 
 def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
