@@ -116,18 +116,20 @@ class Client:
         prepared = prepare(job, list(args or []))
         job_id = job_id or new_job_id(prepared.kind.replace("_", "-")[:40])
         spec = dict(prepared.spec)
-        if form.get("model") is not None:  # what every map gets (`pdp predict`'s model file)
-            spec["model"] = form.pop("model")
-        form.pop("model", None)
+        model = form.pop("model", None)  # what every map gets (`pdp predict`'s model file)
         if form.get("data_type") and form["data_type"] != "text/utf-8":
             spec["data_type"] = form["data_type"]
         header = {"t": "submit", "id": job_id, "kind": prepared.kind, "spec": spec, "steps": prepared.steps,
                   "inputs": [{"name": str(p), "size": size} for p, size in inputs], **form}
         if prepared.bundle is not None:
             header["code"] = {"size": len(prepared.bundle)}
+        packed = b""
+        if model is not None:  # in the payload: a model (up to 1 MiB) is bigger than a header may be
+            packed = msgpack.packb(model)
+            header["model"] = len(packed)
         stream = self._conn().open_stream()
         try:
-            await stream.send(header)
+            await stream.send(header, packed)
             first = await stream.recv(30.0)
             if first.header["t"] == "accepted":
                 return first.header

@@ -7,6 +7,8 @@ when a member dies mid-round and the leader between rounds."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import itertools
 import json
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -176,6 +179,67 @@ def test_naive_bayes_matches_scikit_learn(party: LocalParty, tmp_path: Path) -> 
     assert [int(g["prediction"]) for g in got] == list(ref_m.predict(digits.data))
 
 
+BOOKS = ("metamorphosis", "being_ernest", "frankenstein")
+
+
+def book_paragraphs(corpus: list[Path]) -> list[tuple[str, str]]:
+    """(book, paragraph) of three books of the shared corpus, interleaved."""
+    rows = []
+    for book in BOOKS:
+        text = (corpus[0].parent / f"pg-{book}.txt").read_text(encoding="utf-8")
+        paras = [p.replace("\n", " ").strip() for p in text.split("\n\n")]
+        rows += [(i, book, p) for i, p in enumerate(p for p in paras if len(p) > 40)]
+    return [(b, p) for _, b, p in sorted(rows)]
+
+
+def isalpha_runs(text: str) -> list[str]:
+    """Word count's words, the obvious way: maximal runs of str.isalpha() characters."""
+    return ["".join(run) for alpha, run in itertools.groupby(text, str.isalpha) if alpha]
+
+
+def test_text_naive_bayes_matches_count_vectorizer_and_multinomial_nb(party: LocalParty, tmp_path: Path,
+                                                                      corpus: list[Path]) -> None:
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    rows = book_paragraphs(corpus)
+    train_rows, test_rows = [r for k, r in enumerate(rows) if k % 5], [r for k, r in enumerate(rows) if k % 5 == 0]
+    data = tmp_path / "books.jsonl"  # JSON Lines, with an empty, a null and a numeric text among them
+    extra = [("frankenstein", ""), ("metamorphosis", None), ("being_ernest", 42)]
+    data.write_text("".join(json.dumps({"book": b, "text": t}) + "\n" for b, t in train_rows + extra))
+    docs = [t for _, t in train_rows] + ["", "", "42"]
+    labels = [b for b, _ in train_rows + extra]
+    vectorizer = CountVectorizer(analyzer=isalpha_runs)
+    counts = vectorizer.fit_transform(docs)
+    ref = MultinomialNB(alpha=0.5).fit(counts, labels)
+    model = train(party, tmp_path, "naive-bayes", data, "--target", "book", "--param", "text=text",
+                  "--param", "alpha=0.5", chunk="0.016")
+    assert model["features"] == sorted(vectorizer.vocabulary_) and model["rows"] == len(docs)
+    assert model["classes"] == sorted(BOOKS) == list(ref.classes_)
+    assert rel(model["feature_log_prob"], ref.feature_log_prob_) <= 1e-9
+    assert rel(model["class_log_prior"], ref.class_log_prior_) <= 1e-9
+
+    held_out = tmp_path / "held-out.csv"  # predicted from CSV: the column is found by name
+    with open(held_out, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "book"])
+        writer.writerows([t, b] for b, t in test_rows)
+    got = predictions(party, tmp_path, model, held_out)
+    x = vectorizer.transform([t for _, t in test_rows])
+    assert [g["prediction"] for g in got] == list(ref.predict(x))
+    log_probs = np.log([[g["probabilities"][c] for c in ref.classes_] for g in got])
+    assert np.max(np.abs(log_probs - ref.predict_log_proba(x))) <= 1e-9 * max(1.0, float(np.max(np.abs(log_probs))))
+
+    lowered = CountVectorizer(analyzer=lambda s: isalpha_runs(s.lower())).fit_transform(docs)
+    ordered = np.sort(np.asarray(lowered.sum(axis=0)).ravel())[::-1]  # the most frequent words, cut between
+    limit = next(k for k in range(300, len(ordered)) if ordered[k - 1] > ordered[k])  # two counts, not in a tie
+    small = train(party, tmp_path, "naive-bayes", data, "--target", "book", "--param", "text=text",
+                  "--param", f"max_features={limit}", "--param", "lowercase=true")
+    lower = CountVectorizer(analyzer=lambda s: isalpha_runs(s.lower()), max_features=limit)
+    ref_small = MultinomialNB().fit(lower.fit_transform(docs), labels)
+    assert small["features"] == sorted(lower.vocabulary_)
+    assert rel(small["feature_log_prob"], ref_small.feature_log_prob_) <= 1e-9
+
+
 def test_kmeans_matches_scikit_learn_from_the_same_centres(party: LocalParty, tmp_path: Path) -> None:
     iris = datasets.load_iris()
     names = [f"f{j}" for j in range(iris.data.shape[1])]
@@ -194,6 +258,24 @@ def test_kmeans_matches_scikit_learn_from_the_same_centres(party: LocalParty, tm
     assert [g["cluster"] for g in got] == [g["prediction"] for g in got]
     assert [g["cluster"] for g in got] == list(np.argmin(
         ((iris.data[:, None, :] - np.array(model["centers"])[None]) ** 2).sum(axis=2), axis=1))
+
+
+def test_a_model_bigger_than_a_frame_header_reaches_every_map(party: LocalParty, tmp_path: Path) -> None:
+    """k-means' centres (150 x 64, ~170 KiB as msgpack) go to the maps every round, beside the
+    assignments (a header is at most 64 KiB), and to `pdp predict` in the submit's payload."""
+    digits = datasets.load_digits()
+    names = [f"p{j}" for j in range(digits.data.shape[1])]
+    data = write_csv(tmp_path / "digits-x.csv", digits.data, None, names)
+    model = train(party, tmp_path, "kmeans", data, "--param", "k=150", "--param", "max_iter=2", "--param", "tol=0")
+    assert len(model["centers"]) == 150 and model["rows"] == len(digits.data) and model["rounds"] == 3
+    assert len(msgpack.packb(model)) > 2 * 65536
+    centers, x = np.array(model["init_centers"]), digits.data  # two Lloyd steps, the obvious way (scikit-learn
+    for _ in range(2):                                           # moves an empty cluster's centre; pdp keeps it)
+        labels = ((x[:, None, :] - centers[None]) ** 2).sum(axis=2).argmin(axis=1)
+        centers = np.array([x[labels == k].mean(axis=0) if (labels == k).any() else c for k, c in enumerate(centers)])
+    assert rel(model["centers"], centers) <= 1e-12
+    got = predictions(party, tmp_path, model, data)
+    assert [g["cluster"] for g in got] == list(((x[:, None, :] - centers[None]) ** 2).sum(axis=2).argmin(axis=1))
 
 
 def test_the_same_model_whatever_the_chunks(party: LocalParty, tmp_path: Path) -> None:

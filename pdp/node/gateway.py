@@ -62,13 +62,16 @@ class Gateway:
 
     # -- submit -------------------------------------------------------------------------
 
-    async def _submit(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
+    async def _submit(self, stream: Stream, hdr: dict[str, Any], payload: bytes) -> None:
         """Store the inputs here and on a second member, commit the job, then acknowledge."""
         hdr = {**hdr, "submitter": stream.conn.who.name}  # the proven user, whatever the header says
         job_id = check_id(str(hdr["id"]))
         kind, spec, code = str(hdr["kind"]), hdr.get("spec") or {}, hdr.get("code")
         if not isinstance(spec, dict):
             raise InputError("the job spec must be a map")
+        if hdr.get("model"):  # `pdp predict`'s model file, in the payload
+            spec = {**spec, "model": _unpack_model(payload)}
+        _plain_spec(spec)  # a bad model is refused before any upload
         steps = self._check_job(kind, code, spec)  # an unknown job, or code nobody runs, is refused before any upload
         inputs = hdr["inputs"]
         if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_INPUTS:
@@ -626,6 +629,14 @@ async def _stored(mirror: tuple[str, Stream]) -> bool:
         return False
     finally:
         mirror[1].close()
+
+
+def _unpack_model(payload: bytes) -> Any:
+    """A submitted model from its msgpack bytes (plain data; nothing is unpickled)."""
+    try:
+        return msgpack.unpackb(payload)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"the job's model is not valid msgpack: {exc}") from None
 
 
 def _plain_spec(spec: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from pdp.raft.consensus import ConsensusError
 from pdp.errors import NotMaster, PdpError
 from pdp.fsutil import Damaged, crc32_file, sha256_file
@@ -138,9 +140,9 @@ class Master:
         deadline = time.monotonic() + min(float(hdr.get("wait", POLL)), POLL)
         while True:
             term = self._require()
-            assigned = await self._assign_next(worker, term, int(hdr.get("max", BUNDLE_MAX)))
+            assigned, models = await self._assign_next(worker, term, int(hdr.get("max", BUNDLE_MAX)))
             if assigned:
-                await stream.send({"t": "tasks", "tasks": assigned})
+                await stream.send({"t": "tasks", "tasks": assigned}, _models_payload(assigned, models, hdr.get("have")))
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -148,8 +150,10 @@ class Master:
                 return
             await self.node.changes.wait(remaining)
 
-    async def _assign_next(self, worker: str, term: int, limit: int) -> list[dict[str, Any]]:
-        """Pick tasks for ``worker`` and commit their assignment (one Raft entry for a bundle)."""
+    async def _assign_next(self, worker: str, term: int, limit: int
+                           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Pick tasks for ``worker`` and commit their assignment (one Raft entry for a bundle);
+        returns the assignments and the models they name (by :func:`model_key`)."""
         c = self.node.consensus
         assert c is not None
         while True:
@@ -160,8 +164,9 @@ class Master:
                     straggler = pick_backup(state, worker, time.time(), self.leases.running_info(time.monotonic()))
                     picked, backup = ([straggler], True) if straggler else ([], False)
                 if not picked:
-                    return []
+                    return [], {}
                 specs = [_assignment(state.members, job, task) for job, task in picked]
+                models = {model_key(job): job.spec["model"] for job, _ in picked if "model" in job.spec}
             now = time.monotonic()
             for spec in specs:  # a whole small job's result copy goes to a live member first
                 if "copy_to" in spec:
@@ -187,7 +192,7 @@ class Master:
                 log.info("job %s: %s %s -> %s (attempt %d)%s", first["job"], first["phase"],
                          ",".join(str(a["index"]) for a in assigned), worker, first["attempt"],
                          " as a backup of a straggler" if backup else "")
-                return assigned
+                return assigned, models
 
     async def _task_done(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
         res = await self._complete({**hdr, "node": stream.conn.who.name})
@@ -534,10 +539,12 @@ class Master:
         return []
 
 
-def job_spec(job: Job) -> dict[str, Any]:
+def job_spec(job: Job, with_model: bool = True) -> dict[str, Any]:
     """What a task process needs to load the job: a built-in's name, or the code bundle (the
-    worker fetches it and puts its directory in ``code``), the arguments and the data type."""
-    spec = {**job.spec, "steps": job.steps}
+    worker fetches it and puts its directory in ``code``), the arguments and the data type,
+    and (``with_model``) the job's model."""
+    spec = {k: v for k, v in job.spec.items() if with_model or k != "model"}
+    spec["steps"] = job.steps
     if job.iterative:
         spec["round"] = job.step
     if not spec.get("builtin") and not job.code:
@@ -547,11 +554,28 @@ def job_spec(job: Job) -> dict[str, Any]:
     return spec
 
 
+def model_key(job: Job) -> str:
+    """What names a job's model as it is now: the job and its round (a model never changes
+    within one)."""
+    return f"{job.id}/{job.step}"
+
+
+def _models_payload(assigned: list[dict[str, Any]], models: dict[str, Any], have: Any) -> bytes:
+    """The models the assignments name that the worker does not say it keeps (``have``),
+    msgpack-packed: a model (up to 1 MiB) travels in a frame's payload, once per worker and
+    round, not in every assignment's header (64 KiB)."""
+    kept = set(have) if isinstance(have, list) else set()
+    wanted = {a["model_key"] for a in assigned if "model_key" in a} - kept
+    return msgpack.packb({k: models[k] for k in sorted(wanted)}) if wanted else b""
+
+
 def _assignment(members: dict[str, Any], job: Job, task: Task) -> dict[str, Any]:
     """What a worker needs to run ``task``: where its bytes are and where its output goes."""
     spec: dict[str, Any] = {"job": job.id, "kind": job.kind, "phase": task.phase, "index": task.index,
                             "n_reduce": job.n_reduce, "step": task.step, "steps": job.steps,
-                            "partition": task.index % job.n_reduce, "spec": job_spec(job)}
+                            "partition": task.index % job.n_reduce, "spec": job_spec(job, with_model=False)}
+    if "model" in job.spec:  # sent beside the assignments, once per worker (see _models_payload)
+        spec["model_key"] = model_key(job)
     if job.code:
         spec["code"] = {"file": job.code["file_id"], "size": job.code["size"],
                         "holders": [(h, members[h].data_addr) for h in job.code["holders"] if h in members]}

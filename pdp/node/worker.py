@@ -20,10 +20,13 @@ import logging
 import os
 import time
 import zlib
+from collections import OrderedDict
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import msgpack
 
 from pdp.jobs import mapoutput
 from pdp.jobs import progress as task_progress
@@ -61,12 +64,14 @@ class Aborted(PdpError):
 
 
 AttemptKey = tuple[str, str, int, int]
+MODELS_KEPT = 16  # models (each at most 1 MiB) a worker keeps, so a round's model comes once
 
 
 class Worker:
     def __init__(self, node: WorkerServices) -> None:
         self.node = node
         self.running: dict[AttemptKey, dict[str, Any]] = {}  # what this member runs (listed in heartbeats)
+        self.models: OrderedDict[str, Any] = OrderedDict()  # the models of round jobs' tasks, by job and round
         self.highest_term = 0
         self.leaving = False  # set by `pdp leave`: ask for no more work
         self.paused = ""  # why the owner's limits pause this node ("" = taking work)
@@ -231,9 +236,28 @@ class Worker:
         master = self.node.master_addr()
         if master is None:
             raise PdpError("no master elected yet")
-        frame = await self.node.peers.request(master[1], {"t": "get_task", "node": self.node.name, "wait": 2.0},
-                                              timeout=5.0)
-        return list(frame.header["tasks"]) if frame.header["t"] == "tasks" else []
+        frame = await self.node.peers.request(master[1], {"t": "get_task", "node": self.node.name, "wait": 2.0,
+                                                          "have": list(self.models)}, timeout=5.0)
+        if frame.header["t"] != "tasks":
+            return []
+        tasks = list(frame.header["tasks"])
+        if frame.payload:
+            self._keep_models(msgpack.unpackb(frame.payload))
+        for task in tasks:
+            key = task.get("model_key")
+            if key is not None:
+                if key not in self.models:  # (forgotten since it asked: the task's lease runs out, it runs again)
+                    raise PdpError(f"the master sent {task['job']}'s task without its model {key}")
+                task["spec"]["model"] = self.models[key]
+        return tasks
+
+    def _keep_models(self, models: Any) -> None:
+        """Keep the latest MODELS_KEPT models the master sent (by job and round)."""
+        for key, model in dict(models).items():
+            self.models[str(key)] = model
+            self.models.move_to_end(str(key))
+        while len(self.models) > MODELS_KEPT:
+            self.models.popitem(last=False)
 
     def _listing(self) -> list[dict[str, Any]]:
         """What this member runs, with progress (bytes done), for the master's leases."""

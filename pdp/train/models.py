@@ -15,7 +15,10 @@ scan, :mod:`pdp.train.table`) precedes :func:`start`. Models are plain data (no 
   weight by more than ``tol * max(1, max|W|)``, or after ``max_iter`` rounds (the last
   accepted point is the model). ``loss``: mean training log loss.
 * ``naive-bayes``: one round; ``kind`` "gaussian" (Chan-merged per-class moments,
-  sklearn's ``var_smoothing``) or "multinomial" (non-negative counts, smoothing ``alpha``).
+  sklearn's ``var_smoothing``) or "multinomial" (non-negative counts, smoothing ``alpha``):
+  over count columns, or with ``text=COL`` over the words of a text column
+  (:mod:`pdp.train.text`; the vocabulary, at most ``max_features`` words, is the layout's
+  ``features``).
   ``loss``: mean negative joint log-likelihood on the training rows.
 * ``kmeans``: k-means++ on the scan's sample (seeded), then Lloyd rounds. ``tol`` is
   relative, like sklearn: stop when the total squared centre shift is at most ``tol`` times
@@ -32,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from pdp.errors import ConfigError, InputError
-from pdp.train import FORMAT, table
+from pdp.train import FORMAT, table, text
 
 ALGORITHMS = ("linear", "logistic", "naive-bayes", "kmeans")
 _TASKS = {"linear": "regression", "logistic": "classification",
@@ -40,7 +43,8 @@ _TASKS = {"linear": "regression", "logistic": "classification",
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "linear": {"alpha": 0.0},
     "logistic": {"C": 1.0, "tol": 1e-4, "max_iter": 100},
-    "naive-bayes": {"kind": "gaussian", "alpha": 1.0, "var_smoothing": 1e-9},
+    "naive-bayes": {"kind": "gaussian", "alpha": 1.0, "var_smoothing": 1e-9, "text": None,
+                    "max_features": 10000, "lowercase": False},
     "kmeans": {"k": None, "seed": 0, "tol": 1e-4, "max_iter": 300, "sample": 10000},
 }
 _MAX_HALVINGS = 40
@@ -77,10 +81,12 @@ def check_params(algorithm: str, params: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{algorithm} takes no parameter {', '.join(unknown)}; "
                           f"it takes {', '.join(sorted(out))}")
     out.update(params)
+    if algorithm == "naive-bayes":
+        _text_params(params, out)
     for key in ("alpha", "C", "tol", "var_smoothing"):
         if key in out:
             _number(out, key, 0.0)
-    for key in ("max_iter", "k", "sample"):
+    for key in ("max_iter", "k", "sample", "max_features"):
         if key in out:
             if out[key] is None:
                 raise ConfigError(f"{algorithm} needs the parameter {key}")
@@ -90,6 +96,25 @@ def check_params(algorithm: str, params: dict[str, Any]) -> dict[str, Any]:
     if algorithm == "logistic" and out["C"] <= 0:
         raise ConfigError("parameter C must be > 0")
     return out
+
+
+def _text_params(given: dict[str, Any], out: dict[str, Any]) -> None:
+    """Naive Bayes over a text column: ``text=COL`` makes the kind multinomial (gaussian is
+    refused); ``max_features`` and ``lowercase`` mean something only with it."""
+    col = out["text"]
+    if col is None:
+        extra = sorted({"max_features", "lowercase"} & set(given))
+        if extra:
+            raise ConfigError(f"naive-bayes parameter {', '.join(extra)} needs text=COLUMN (a text column to count words in)")
+        return
+    if not isinstance(col, str) or not col:
+        raise ConfigError(f"parameter text must name a column, not {col!r}")
+    if given.get("kind", "multinomial") != "multinomial":
+        raise ConfigError("naive Bayes over a text column counts words: its kind is multinomial, not "
+                          f"{given['kind']!r}")
+    out["kind"] = "multinomial"
+    if not isinstance(out["lowercase"], bool):
+        raise ConfigError(f"parameter lowercase must be true or false, not {out['lowercase']!r}")
 
 
 # ---------------------------------------------------------------- merging partials
@@ -123,10 +148,13 @@ def _merge_moments(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def merge(a: Any, b: Any) -> Any:
     """Two partials as one: numbers and arrays add, dicts merge key-wise, moment leaves
-    (``{"__m__": 1, ...}``) by Chan's update, strings and None must agree."""
+    (``{"__m__": 1, ...}``) by Chan's update, word counts (``{"__w__": 1, ...}``) by the
+    union of their words, strings and None must agree."""
     if isinstance(a, dict):
         if a.get("__m__"):
             return _merge_moments(a, b)
+        if a.get("__w__"):
+            return text.merge_words(a, b)
         keys = list(a) + [k for k in b if k not in a]
         return {k: merge(a[k], b[k]) if k in a and k in b else (a[k] if k in a else b[k])
                 for k in keys}
@@ -331,7 +359,12 @@ def _log_prior(count: np.ndarray) -> np.ndarray:
 def _nb_update(model: dict[str, Any], total: dict[str, Any]) -> dict[str, Any]:
     p, n = model["params"], total["n"]
     if p["kind"] == "multinomial":
-        cc, fc = total["class_count"], total["feature_count"]
+        cc = total["class_count"]
+        if p.get("text") is not None:
+            vocab, fc = text.vocabulary(total["words"], p["max_features"])
+            model = dict(model, layout=dict(model["layout"], features=vocab))
+        else:
+            fc = total["feature_count"]
         smoothed = fc + p["alpha"]
         with np.errstate(divide="ignore"):
             flp = np.log(smoothed) - np.log(smoothed.sum(axis=1, keepdims=True))
@@ -353,7 +386,7 @@ def _nb_update(model: dict[str, Any], total: dict[str, Any]) -> dict[str, Any]:
     return dict(model, state=state, loss=-jll / n)
 
 
-def _nb_jll(mf: dict[str, Any], X: np.ndarray) -> np.ndarray:
+def _nb_jll(mf: dict[str, Any], X: np.ndarray | text.Docs) -> np.ndarray:
     prior = np.asarray(mf["class_log_prior"])
     if mf["params"]["kind"] == "multinomial":
         return X @ np.asarray(mf["feature_log_prob"]).T + prior
@@ -474,7 +507,7 @@ def _softmax(Z: np.ndarray) -> np.ndarray:
     return E / E.sum(axis=1, keepdims=True)
 
 
-def predict_proba(mf: dict[str, Any], X: np.ndarray) -> np.ndarray:
+def predict_proba(mf: dict[str, Any], X: np.ndarray | text.Docs) -> np.ndarray:
     """Class probabilities (n, K) of a classifier's model file."""
     if mf["algorithm"] == "naive-bayes":
         return _softmax(_nb_jll(mf, X))
@@ -486,14 +519,16 @@ def predict_proba(mf: dict[str, Any], X: np.ndarray) -> np.ndarray:
     return _softmax(Z)
 
 
-def predict(model_file: dict[str, Any], X: np.ndarray) -> list[dict[str, Any]]:
+def predict(model_file: dict[str, Any], X: np.ndarray | text.Docs) -> list[dict[str, Any]]:
     """Per row ``{"prediction"}``, plus ``probabilities`` (classifiers) or ``cluster`` (k-means)."""
     alg = model_file["algorithm"]
-    X = np.asarray(X, dtype=np.float64)
+    if not isinstance(X, text.Docs):
+        X = np.asarray(X, dtype=np.float64)
     if alg == "linear":
         yhat = X @ np.asarray(model_file["coef"][0]) + model_file["intercept"][0]
         return [{"prediction": v} for v in yhat.tolist()]
     if alg == "kmeans":
+        assert not isinstance(X, text.Docs)
         labels, _ = assign(X, np.asarray(model_file["centers"]))
         return [{"prediction": c, "cluster": c} for c in labels.tolist()]
     classes = model_file["classes"]

@@ -307,15 +307,29 @@ def _check_target(target: str | None, scan: dict[str, Any], names: list[str], ta
                          f"(it holds e.g. {bad!r})")
 
 
+def _text_layout(scan: dict[str, Any], names: list[str], target: str | None, col: str,
+                 features: list[str] | None) -> None:
+    """Check a text column (naive Bayes over its words): in the input, not the target, and
+    the only feature."""
+    if col not in scan["columns"]:
+        raise _unknown("text", col, names)
+    if col == target:
+        raise InputError(f"column {col!r} is the target; it cannot also be the text")
+    if features:
+        raise InputError(f"with text={col} the features are its words; leave out --features")
+
+
 def make_layout(scan: dict[str, Any], *, target: str | None, features: list[str] | None,
-                missing: str = "drop", task: str) -> dict[str, Any]:
+                missing: str = "drop", task: str, text: str | None = None) -> dict[str, Any]:
     """The feature layout (plain data) from a merged scan.
 
     ``columns``: the feature columns in order, each ``{"name", "kind": "numeric", "mean"}`` or
     ``{"name", "kind": "categorical", "categories"}`` (one-hot, features ``col=value``), with
     its ``width``; ``features``: the expanded feature names; ``target``, ``task``,
     ``classes`` (classification: sorted labels as strings, else None), ``missing``,
-    ``input_columns`` (every column of the input).
+    ``input_columns`` (every column of the input). With ``text`` (a column of documents)
+    there are no feature ``columns``: the words are the features, known after the fit
+    round (:mod:`pdp.train.text`), and ``text`` names the column.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
@@ -327,6 +341,11 @@ def make_layout(scan: dict[str, Any], *, target: str | None, features: list[str]
             raise _unknown("target", target, names)
     else:
         _check_target(target, scan, names, task)
+    classes = _classes(str(target), scan["columns"][target]) if task == "classification" else None
+    if text is not None:
+        _text_layout(scan, names, target, text, features)
+        return {"columns": [], "features": [], "target": target, "task": task, "classes": classes,
+                "missing": missing, "input_columns": names, "text": text}
     chosen = _choose_features(names, scan, target, features)
     if not chosen:
         raise InputError(f"no feature columns left; the columns are: {', '.join(names)}")
@@ -334,7 +353,6 @@ def make_layout(scan: dict[str, Any], *, target: str | None, features: list[str]
     expanded: list[str] = []
     for c in columns:
         expanded += [c["name"]] if c["kind"] == "numeric" else [f"{c['name']}={v}" for v in c["categories"]]
-    classes = _classes(str(target), scan["columns"][target]) if task == "classification" else None
     return {"columns": columns, "features": expanded, "target": target if task != "none" else None,
             "task": task, "classes": classes, "missing": missing, "input_columns": names}
 

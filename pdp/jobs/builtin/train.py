@@ -232,6 +232,12 @@ class Train(MRJob):
             return
         from pdp.train.models import partial
 
+        if model["layout"].get("text") is not None:  # naive Bayes over a text column: word counts
+            from pdp.train import text
+
+            name, rows = _rows(path, start, end, spec)
+            yield KEY, codec.pack({"fit": text.partial(rows, model["layout"], name, self.params.get("lowercase", False))})
+            return
         x, y, dropped = self._arrays(path, start, end, spec, model["layout"], workdir)
         yield KEY, codec.pack({"fit": partial(model, x, y, dropped=dropped)})
 
@@ -278,12 +284,14 @@ class Train(MRJob):
 
             algorithm = self.options.algorithm
             layout = make_layout(total["scan"], target=self.options.target, features=self.features,
-                                 missing=self.options.missing, task=task_of(algorithm))
+                                 missing=self.options.missing, task=task_of(algorithm),
+                                 text=self.params.get("text"))
             model = start(algorithm, dict(self.params), layout, total["scan"])
             return {"model": model, "done": False, "text": f"{len(layout['features'])} features"}
         from pdp.train.models import update
 
         model, done = update(model, total["fit"])
+        _check_size(model)
         loss = model.get("loss")
         return {"model": model, "done": bool(done), "text": f"loss {loss:.6g}" if isinstance(loss, float) else ""}
 
@@ -291,6 +299,21 @@ class Train(MRJob):
         from pdp.train.models import finish
 
         return json.dumps(finish(model), indent=1).encode() + b"\n"
+
+
+def _check_size(model: dict[str, Any]) -> None:
+    """InputError when the model is too big for the replicated log (MAX_MODEL), saying how
+    to make it smaller."""
+    import msgpack
+
+    from pdp.core.state import MAX_MODEL
+
+    size = len(msgpack.packb(model))
+    if size > MAX_MODEL:
+        hint = ("lower --param max_features" if model["params"].get("text") is not None
+                else "use fewer features or categories")
+        raise InputError(f"the model is {size / (1 << 20):.1f} MiB; a round's model may be at most "
+                         f"{MAX_MODEL >> 20} MiB (it lives in the party's log): {hint}")
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -317,13 +340,21 @@ class Predict(MRJob):
         from pdp.train.table import encode
 
         model = check_model(spec.get("model"))
+        index = int(spec.get("input_index", 0))
+        if model["layout"].get("text") is not None:  # naive Bayes over a text column: its words
+            from pdp.train import text
+
+            name, rows = _rows(path, start, end, spec)
+            found, lines = text.docs(rows, model["layout"], bool(model["params"].get("lowercase")))
+            for line, out in zip(lines, predict(model, found)):
+                yield [index, line], out
+            return
         plain = _plain(path, start, end, spec)
         arrays = fastcsv.encode(plain, model["layout"], need_target=False) if plain is not None else None
         if arrays is None:
             name, rows = _rows(path, start, end, spec)
             arrays = encode(rows, model["layout"], name, need_target=False)
         x, _, _, lines = arrays
-        index = int(spec.get("input_index", 0))
         for line, out in zip(lines, predict(model, x)):
             yield [index, line], out
 
