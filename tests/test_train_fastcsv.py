@@ -83,7 +83,7 @@ def test_stats_of_a_plain_chunk_equal_the_general_ones(tmp_path: Path) -> None:
     [(start, end, line)] = ranges
     plain = _plain(str(path), start, end, {"data_type": "csv", "header": header, "line": line})
     assert plain is not None
-    fast = stats.partial_plain(plain.header, plain.cells, plain.tokens)
+    fast = stats.partial_plain(plain.header, plain.cells, [plain.column(j) for j in range(len(plain.header))])
     assert fast == stats.partial(_general(path, start, end, header, line), "d.csv")
     assert stats.finish(fast)["b"]["distinct"] == 7
 
@@ -149,3 +149,19 @@ def test_stats_read_in_blocks_equal_the_general_ones(tmp_path: Path) -> None:
             assert got[col][key] == want[col][key], (col, key)
         for key in ("mean", "std"):
             assert got[col][key] == (None if want[col][key] is None else pytest.approx(want[col][key], rel=1e-12)), key
+
+
+def test_array_sums_equal_the_exact_sums_in_fewer_passes() -> None:
+    import math
+    import random
+
+    rng = random.Random(5)
+    cases = [[1e308, 1e308, -1e308], [1e308, 1e308], [5e-324, 1.0], [0.1] * 3, [1e-300, 1e300, -1e300], [0.0, -0.0]]
+    cases += [[rng.choice([1, -1]) * rng.random() * 10 ** rng.randint(-20, 20) for _ in range(rng.randint(1, 60))]
+              for _ in range(2000)]
+    for values in cases:
+        assert fastcsv.array_sum(np.array(values)) == table.exact_sum(values), values
+    assert table.exact_sum([1e308, 1e308, -1e308]) == [1e308]  # a partial sum past the float range, exactly
+    assert table.exact_sum([1e308, 1e308]) == [math.inf]
+    scan = table.scan_partial([(k + 2, {"a": repr(v)}) for k, v in enumerate([1e308, 1e308, -1e308])], "d.csv")
+    assert math.fsum(scan["columns"]["a"]["sum"]) == 1e308

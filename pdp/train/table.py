@@ -22,6 +22,7 @@ import heapq
 import json
 import math
 from collections.abc import Iterable
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -112,11 +113,29 @@ def exact_sum(values: list[float]) -> list[float]:
     try:
         for _ in range(64):
             s = math.fsum(values + [-x for x in out])
+            if not math.isfinite(s):  # (an infinite part, from a total beyond the float range)
+                return [s]
             if s == 0.0:
                 break
             out.append(s)
-    except OverflowError:
-        out = [math.fsum(values)]
+    except OverflowError:  # a partial sum beyond the float range: exactly, as a fraction (slow, and rare)
+        return _fraction_floats(sum(map(Fraction, values), Fraction(0)))
+    return out
+
+
+def _fraction_floats(rest: Fraction) -> list[float]:
+    """An exact rational as floats that sum to it (as :func:`exact_sum`), or ±inf when it is
+    beyond the float range."""
+    out: list[float] = []
+    for _ in range(64):
+        if rest == 0:
+            break
+        try:
+            f = float(rest)
+        except OverflowError:
+            return [math.inf if rest > 0 else -math.inf]
+        out.append(f)
+        rest -= Fraction(f)
     return out
 
 
