@@ -278,13 +278,19 @@ def test_a_model_bigger_than_a_frame_header_reaches_every_map(party: LocalParty,
     assert [g["cluster"] for g in got] == list(((x[:, None, :] - centers[None]) ** 2).sum(axis=2).argmin(axis=1))
 
 
-def test_the_same_model_whatever_the_chunks(party: LocalParty, tmp_path: Path) -> None:
+def test_the_same_model_whatever_the_chunks_and_members(party: LocalParty, tmp_path: Path) -> None:
     wine = datasets.load_wine()
     names = [f"f{j}" for j in range(wine.data.shape[1])]
     data = write_csv(tmp_path / "wine.csv", standardized(wine.data), wine.target, names)
     args = ("--target", "target", "--param", "tol=1e-10")
     small, whole = (train(party, tmp_path, "logistic", data, *args, chunk=c) for c in (CHUNK, "1"))
     assert rel(small["coef"], whole["coef"]) <= 1e-10 and small["rounds"] == whole["rounds"]
+    alone = tmp_path / "alone.json"  # one process, no party: `pdp run` (the sequential reference)
+    done = subprocess.run([sys.executable, "-m", "pdp", "run", "train", str(data), "-o", str(alone), "--",
+                           "--algorithm", "logistic", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    one = json.loads(alone.read_text())
+    assert rel(one["coef"], small["coef"]) <= 1e-10 and one["rounds"] == small["rounds"]
 
 
 def test_bad_data_fails_the_job_naming_file_line_and_column(party: LocalParty, tmp_path: Path) -> None:
