@@ -133,6 +133,38 @@ def test_logistic_stops_at_max_iter() -> None:
     assert mf["rounds"] == 3 and mf["loss"] > 0
 
 
+def test_logistic_rounds_lengthen_a_short_newton_step_and_halve_a_long_one() -> None:
+    rng = np.random.default_rng(0)  # nearly separable: Newton's steps from zero are short
+    X = rng.standard_normal((4000, 5))
+    y = (X @ np.array([3.0, -2.0, 1.0, 4.0, 0.5]) + 0.3 * rng.standard_normal(4000) > 0).astype(int)
+    mf = fit(to_rows(X, y), "logistic", {"tol": 1e-8})
+    sk = LogisticRegression(C=1.0, tol=1e-12, max_iter=10000).fit(X, y)
+    close(mf["coef"], sk.coef_, 1e-6)
+    plain = 0  # the same problem by plain Newton steps (one point a round)
+    theta, mask = np.zeros(6), np.r_[np.ones(5), 0.0]
+    Xa = np.column_stack([X, np.ones(len(X))])
+    while True:
+        plain += 1
+        p = 1 / (1 + np.exp(-Xa @ theta))
+        g = Xa.T @ (p - y) + mask * theta
+        step = -np.linalg.solve((Xa * (p * (1 - p))[:, None]).T @ Xa + np.diag(mask), g)
+        if np.max(np.abs(g)) / len(X) <= 1e-8 and np.max(np.abs(step)) <= 1e-8 * max(1.0, np.max(np.abs(theta))):
+            break
+        theta = theta + step
+    assert mf["rounds"] < plain - 2, (mf["rounds"], plain)
+
+    layout = {"features": ["a"], "classes": ["0", "1"], "columns": []}  # and the halving, by hand
+    model = models.start("logistic", {}, layout, {})
+    model = dict(model, state={**model["state"], "theta": [1.0, 0.0], "step": [4.0, 0.0], "ts": [1.0, 2.0],
+                               "best": {"theta": [1.0, 0.0], "f": 10.0, "loss": 1.0}})
+    worse = {"n": 10, "dropped": 0, "loss": np.array([11.0, 12.0]), "grad": np.zeros((2, 2)), "hess": np.eye(2)}
+    model, done = models.update(model, worse)
+    assert not done and model["state"]["ts"] == [0.5, 0.25, 0.125] and model["state"]["halvings"] == 1
+    better = {"n": 10, "dropped": 0, "loss": np.array([9.0, 3.0, 5.0]), "grad": np.zeros((3, 2)), "hess": np.eye(2)}
+    model, _ = models.update(model, better)
+    assert model["state"]["best"]["theta"] == [2.0, 0.0] and model["state"]["halvings"] == 0  # 1 + 0.25 * 4
+
+
 # ---------------------------------------------------------------- naive Bayes
 
 

@@ -9,11 +9,14 @@ scan, :mod:`pdp.train.table`) precedes :func:`start`. Models are plain data (no 
   not penalised), the minimum-norm solution when singular. ``loss``: training MSE.
 * ``logistic``: Newton's method on ``C * sum(log loss) + 0.5 * ||W||^2`` (intercept not
   penalised; sklearn's minimiser), sigmoid for two classes, softmax over all K for more. A
-  round evaluates loss, gradient and Hessian at the current point; a point whose objective
-  is higher than the last accepted one is rejected and the step halved. Stops when, at an
-  accepted point, ``max|gradient of the objective| / n <= tol`` and the Newton step moves no
-  weight by more than ``tol * max(1, max|W|)``, or after ``max_iter`` rounds (the last
-  accepted point is the model). ``loss``: mean training log loss.
+  round evaluates loss and gradient at the last accepted point plus 1, 2, 4 and 8 times the
+  Newton step (a conservative step far from the optimum, as on nearly separable classes,
+  is lengthened in the same pass over the data: about 40 % fewer rounds), and the Hessian
+  at the first; the lowest objective is accepted, and when none is lower than the last
+  accepted one the step is halved (three shorter ones tried). Stops when, at an accepted
+  point, ``max|gradient of the objective| / n <= tol`` and the Newton step moves no weight
+  by more than ``tol * max(1, max|W|)``, or after ``max_iter`` rounds (the last accepted
+  point is the model). ``loss``: mean training log loss.
 * ``naive-bayes``: one round; ``kind`` "gaussian" (Chan-merged per-class moments,
   sklearn's ``var_smoothing``) or "multinomial" (non-negative counts, smoothing ``alpha``):
   over count columns, or with ``text=COL`` over the words of a text column
@@ -178,7 +181,7 @@ def start(algorithm: str, params: dict[str, Any], layout: dict[str, Any],
     if algorithm == "logistic":
         K = len(layout["classes"])
         size = (d + 1) if K == 2 else K * (d + 1)
-        model["state"] = {"theta": [0.0] * size, "best": None, "step": None, "halvings": 0}
+        model["state"] = {"theta": [0.0] * size, "step": None, "ts": [1.0], "best": None, "halvings": 0}
     elif algorithm == "kmeans":
         centers = _kmeans_init(params, layout, scan)
         model["state"] = {"centers": centers, "init": centers, "tol_abs": None, "last": False}
@@ -244,41 +247,57 @@ def _split(model: dict[str, Any]) -> tuple[int, int]:
     return len(model["layout"]["classes"]), len(model["layout"]["features"])
 
 
+_TRY = (1.0, 2.0, 4.0, 8.0)  # multiples of the Newton step a round tries (a longer one when it is better)
+
+
+def _points(model: dict[str, Any]) -> np.ndarray:
+    """The points a logistic round evaluates: ``base + t * step`` for each ``t`` of ``ts``."""
+    st = model["state"]
+    base, step = np.asarray(st["theta"]), np.asarray(st["step"] or np.zeros(len(st["theta"])))
+    return np.array([base + t * step for t in st["ts"]])
+
+
 def _logistic_partial(model: dict[str, Any], X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Loss, gradient and Hessian of the summed log loss, over blocks of rows (bounded memory)."""
+    """The summed log loss and its gradient at each of the round's points, the Hessian at
+    the first; over blocks of rows (bounded memory)."""
     K, d = _split(model)
-    theta = np.asarray(model["state"]["theta"])
-    block = max(1, _BLOCK // (len(theta) if K > 2 else d + 1))
+    points = _points(model)
+    block = max(1, _BLOCK // (points.shape[1] if K > 2 else d + 1))
     out: dict[str, Any] = {}
     for i in range(0, max(len(X), 1), block):
-        part = _logistic_block(K, d, theta, X[i:i + block], y[i:i + block])
+        part = _logistic_block(K, d, points, X[i:i + block], y[i:i + block])
         out = merge(out, part) if out else part
     return out
 
 
-def _logistic_block(K: int, d: int, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def _logistic_block(K: int, d: int, points: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     Xa = np.column_stack([X, np.ones(len(X))])
-    if K == 2:
-        z = Xa @ theta
-        p = np.exp(-np.logaddexp(0.0, -z))
-        loss = float(np.sum(np.logaddexp(0.0, z) - y * z))
-        grad = Xa.T @ (p - y)
-        hess = (Xa * (p * (1 - p))[:, None]).T @ Xa
-        return {"loss": loss, "grad": grad, "hess": hess}
-    W = theta.reshape(K, d + 1)
-    Z = Xa @ W.T
-    lse = np.logaddexp.reduce(Z, axis=1) if len(Z) else np.zeros(0)
-    P = np.exp(Z - lse[:, None])
-    Y = np.zeros_like(P)
-    Y[np.arange(len(y)), y] = 1.0
-    loss = float(np.sum(lse - Z[np.arange(len(y)), y]))
-    grad = ((P - Y).T @ Xa).ravel()
-    M = (P[:, :, None] * Xa[:, None, :]).reshape(len(Xa), -1)
-    hess = -(M.T @ M)
-    for k in range(K):
-        s = slice(k * (d + 1), (k + 1) * (d + 1))
-        hess[s, s] += (Xa * P[:, k:k + 1]).T @ Xa
-    return {"loss": loss, "grad": grad, "hess": hess}
+    losses, grads = [], []
+    hess = np.zeros(0)
+    for k, theta in enumerate(points):
+        if K == 2:
+            z = Xa @ theta
+            p = np.exp(-np.logaddexp(0.0, -z))
+            losses.append(float(np.sum(np.logaddexp(0.0, z) - y * z)))
+            grads.append(Xa.T @ (p - y))
+            if k == 0:
+                hess = (Xa * (p * (1 - p))[:, None]).T @ Xa
+            continue
+        W = theta.reshape(K, d + 1)
+        Z = Xa @ W.T
+        lse = np.logaddexp.reduce(Z, axis=1) if len(Z) else np.zeros(0)
+        P = np.exp(Z - lse[:, None])
+        Y = np.zeros_like(P)
+        Y[np.arange(len(y)), y] = 1.0
+        losses.append(float(np.sum(lse - Z[np.arange(len(y)), y])))
+        grads.append(((P - Y).T @ Xa).ravel())
+        if k == 0:
+            M = (P[:, :, None] * Xa[:, None, :]).reshape(len(Xa), -1)
+            hess = -(M.T @ M)
+            for c in range(K):
+                s = slice(c * (d + 1), (c + 1) * (d + 1))
+                hess[s, s] += (Xa * P[:, c:c + 1]).T @ Xa
+    return {"loss": np.array(losses), "grad": np.array(grads), "hess": hess}
 
 
 def _penalty_mask(model: dict[str, Any]) -> np.ndarray:
@@ -287,41 +306,39 @@ def _penalty_mask(model: dict[str, Any]) -> np.ndarray:
     return row if K == 2 else np.tile(row, K)
 
 
-def _objective(model: dict[str, Any], total: dict[str, Any]) -> tuple[float, np.ndarray, np.ndarray]:
-    C = model["params"]["C"]
-    theta = np.asarray(model["state"]["theta"])
-    mask = _penalty_mask(model)
-    f = C * total["loss"] + 0.5 * float(np.sum(mask * theta * theta))
-    g = C * total["grad"] + mask * theta
-    H = C * total["hess"] + np.diag(mask)
-    return f, g, H
-
-
 def _logistic_update(model: dict[str, Any], total: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Accept the round's best point if it lowers the objective (else halve the step and try
+    again), then take the Newton step from it (with the Hessian of the round's first point:
+    the best one, but when a longer step did better) and try its multiples :data:`_TRY`."""
     p, st = model["params"], dict(model["state"])
-    n = total["n"]
-    f, g, H = _objective(model, total)
+    n, C, mask = total["n"], p["C"], _penalty_mask(model)
+    points = _points(model)
+    f = C * np.asarray(total["loss"]) + 0.5 * np.sum(mask * points * points, axis=1)
+    noise = 1e-12 * max(1.0, abs(float(f[0])))  # (sums in another order differ by rounding only)
+    i = 0
+    for k in range(1, len(f)):  # a longer step only when it is clearly better
+        if f[k] < f[i] - noise:
+            i = k
     best = st["best"]
-    if best is not None and f > best["f"] + 1e-12 * max(1.0, abs(best["f"])):
+    if best is not None and f[i] > best["f"] + noise:
         st["halvings"] += 1
-        step = 0.5 * np.asarray(st["step"])
-        st["step"] = step.tolist()
-        st["theta"] = (np.asarray(best["theta"]) + step).tolist()
+        st["ts"] = [min(st["ts"]) / 2 ** k for k in (1, 2, 3)]
         stuck = st["halvings"] > _MAX_HALVINGS
         return dict(model, state=st), stuck or model["round"] >= p["max_iter"]
-    best = {"theta": st["theta"], "f": f, "loss": total["loss"] / n}
+    theta = points[i]
+    best = {"theta": theta.tolist(), "f": float(f[i]), "loss": float(total["loss"][i]) / n}
     st.update(best=best, halvings=0)
     model = dict(model, loss=best["loss"])
+    g = C * np.asarray(total["grad"])[i] + mask * theta
+    H = C * np.asarray(total["hess"]) + np.diag(mask)
     step = -np.linalg.lstsq(H, g, rcond=None)[0]
     # Done when the mean gradient is within tol and the Newton step (the distance to the
     # optimum, near it) moves no weight by more than tol relative to the largest: a flat
     # objective (nearly separable classes) has a small gradient far from its optimum.
-    theta = np.asarray(best["theta"])
     small = float(np.max(np.abs(step))) <= p["tol"] * max(1.0, float(np.max(np.abs(theta))))
     if (float(np.max(np.abs(g))) / n <= p["tol"] and small) or model["round"] >= p["max_iter"]:
         return dict(model, state=st), True
-    st["step"] = step.tolist()
-    st["theta"] = (np.asarray(best["theta"]) + step).tolist()
+    st.update(theta=theta.tolist(), step=step.tolist(), ts=list(_TRY))
     return dict(model, state=st), False
 
 
