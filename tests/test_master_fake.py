@@ -23,6 +23,7 @@ from pdp.config import NodeConfig
 from pdp.core.state import State
 from pdp.node import master as master_mod
 from pdp.node.master import Master
+from pdp.node.root import Changes
 
 TERM, HB, DEAD = 2, 0.5, 2.5
 
@@ -61,7 +62,9 @@ class FakeConsensus:
 
 
 class FakeChanges:
-    async def wait(self, timeout: float) -> None:
+    seen = 0
+
+    async def wait(self, timeout: float, since: int | None = None) -> None:
         await asyncio.sleep(0)
 
 
@@ -217,3 +220,50 @@ def test_a_new_master_reruns_at_once_an_assignment_that_never_reached_its_member
     assert released == [(never["index"], "lost on w1")]
     job = node2.consensus.state.jobs["j"]
     assert job.maps[reached["index"]].state == "running" and job.maps[never["index"]].state == "pending"
+
+
+def test_the_last_reduce_done_starts_its_assembly_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No sweep runs here (the master's loop is not started): the completion that leaves the
+    job assembling starts the assembly itself (a round's next model is made without waiting
+    for the next sweep)."""
+    clock = Clock()
+    m, node = party(tmp_path, clock, monkeypatch)
+    clock.now += DEAD + HB + 0.1
+    started: list[tuple[str, list[tuple[int, str]]]] = []
+
+    async def assemble(job_id: str, spec: dict[str, Any], reducers: list[tuple[int, str]], gateway: str) -> bool:
+        started.append((job_id, reducers))
+        return False
+    monkeypatch.setattr(m, "_assemble", assemble)
+    for _ in range(2):
+        assert done(m, "w1", take(m, "w1"))["accepted"] is True
+    assert started == []
+    last = take(m, "w1")
+    assert last["phase"] == "reduce"
+
+    async def report() -> dict[str, Any]:
+        stream = Stream("w1")
+        await m.handlers()["task_done"](stream, {"job": "j", "phase": "reduce", "index": 0,  # type: ignore[arg-type]
+                                                 "attempt": last["attempt"]}, b"")
+        await asyncio.sleep(0)  # the assembly task's first step
+        return stream.sent[-1]
+    assert asyncio.run(report())["accepted"] is True
+    assert node.consensus.state.jobs["j"].state == "assembling"
+    assert started == [("j", [(0, "w1")])]
+
+
+def test_a_change_during_a_sweep_is_not_missed() -> None:
+    """A change between noting ``seen`` and waiting (during a sweep) ends the wait at once;
+    without one, the wait lasts its timeout."""
+    async def scenario() -> None:
+        changes = Changes()
+        seen = changes.seen
+        changes.notify()
+        await asyncio.wait_for(changes.wait(30.0, since=seen), 5.0)  # at once, not after 30 s
+        waiter = asyncio.create_task(changes.wait(30.0, since=changes.seen))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        changes.notify()
+        await asyncio.wait_for(waiter, 5.0)
+        await changes.wait(0.01, since=changes.seen)  # nothing changes: the timeout ends it
+    asyncio.run(scenario())

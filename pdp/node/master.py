@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from pdp.raft.consensus import ConsensusError
+from pdp.raft.consensus import Consensus, ConsensusError
 from pdp.errors import NotMaster, PdpError
 from pdp.fsutil import Damaged, crc32_file, sha256_file
 from pdp.jobs import runtime
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdp.node.master")
 
 POLL = 2.0  # longest a worker's task request waits for work
-REAP_GAP = 0.02  # the reaper and assembly sweep every task: not after every single log entry
+REAP_GAP = 0.02  # the sweeps (reaper, assembly) start at most this often, however busy the log is
+TICK = 0.2  # longest the sweeps wait without a change (leases run out without one)
 
 
 class Master:
@@ -76,28 +77,38 @@ class Master:
             return state.master["term"] == c.term() and state.master["name"] == self.node.name
 
     async def run(self) -> None:
-        """Claim mastership after each election won; assemble finished jobs while master."""
+        """Claim mastership after each election won; while master, sweep (assemble finished
+        jobs, reap leases) after every change of the state, at most every ``REAP_GAP``, and
+        every ``TICK`` without one. A change during a sweep starts the next one (no lost
+        wake-up); an idle master sweeps at once (no fixed pause)."""
+        changes, last = self.node.changes, -REAP_GAP
         while True:
+            seen = changes.seen
             c = self.node.consensus
             if c is None:  # switching between voter and worker
                 await asyncio.sleep(0.1)
                 continue
-            if c.is_leader() and not self.is_master():
-                await self._claim(c.term())
-            if self.is_master():
-                if self.term != c.term():
-                    self.term = c.term()
-                    self.reserved.clear()
-                    self.leases = self._new_leases(self.term)
-                    log.info("%s is master in term %d", self.node.name, self.term)
-                await self._record_genesis()
-                self._start_assembly()
-                await self._reap()
-            elif self.term:
-                log.info("%s is no longer master (term %d)", self.node.name, self.term)
-                self.term = 0
-            await self.node.changes.wait(0.2)
-            await asyncio.sleep(REAP_GAP)  # at most ~50 sweeps a second, however busy the log is
+            await asyncio.sleep(max(0.0, last + REAP_GAP - time.monotonic()))  # at most ~50 sweeps a second
+            last = time.monotonic()
+            await self._sweep(c)
+            await changes.wait(TICK, since=seen)
+
+    async def _sweep(self, c: Consensus) -> None:
+        """Claim a won election, or do the master's rounds: assembly and the reaper."""
+        if c.is_leader() and not self.is_master():
+            await self._claim(c.term())
+        if self.is_master():
+            if self.term != c.term():
+                self.term = c.term()
+                self.reserved.clear()
+                self.leases = self._new_leases(self.term)
+                log.info("%s is master in term %d", self.node.name, self.term)
+            await self._record_genesis()
+            self._start_assembly()
+            await self._reap()
+        elif self.term:
+            log.info("%s is no longer master (term %d)", self.node.name, self.term)
+            self.term = 0
 
     async def _record_genesis(self) -> None:
         """A founding member's first master writes the founders' identities into the log."""
@@ -238,6 +249,7 @@ class Master:
         if res.get("ok"):
             log.info("job %s: %s %s done on %s (attempt %s)%s", hdr["job"], hdr["phase"], hdr["index"], hdr["node"],
                      hdr["attempt"], "; the job is done" if res.get("job_done") else "")
+            self._start_assembly()  # the last reduce of a job (or of a round): assemble it now, not at the next sweep
         return res
 
     async def _task_failed(self, stream: Stream, hdr: dict[str, Any], _: bytes) -> None:
@@ -425,32 +437,44 @@ class Master:
     # -- assembling results -------------------------------------------------------------
 
     def _start_assembly(self) -> None:
+        """Start assembling every job whose reduces are all done (and not being assembled)."""
         c = self.node.consensus
         assert c is not None
         with c.reading() as state:
             jobs = [(j.id, job_spec(j), [(t.index, t.node) for t in j.current("reduce")],
-                     str(j.form.get("gateway", ""))) for j in jobs_to_assemble(state)]
+                     str(j.form.get("gateway", ""))) for j in jobs_to_assemble(state) if j.id not in self.assembling]
         for job_id, spec, reducers, gateway in jobs:
-            if job_id not in self.assembling:
-                self.assembling.add(job_id)
-                task = asyncio.create_task(self._assemble(job_id, spec, reducers, gateway))
-                task.add_done_callback(functools.partial(_forget, self.assembling, job_id))
+            self.assembling.add(job_id)
+            task = asyncio.create_task(self._assemble(job_id, spec, reducers, gateway))
+            task.add_done_callback(functools.partial(self._assembly_ended, job_id))
+
+    def _assembly_ended(self, job_id: str, task: asyncio.Task[bool]) -> None:
+        """A job's assembly ended; if it recorded the job's last round, the result (the model)
+        is stored at once rather than at the next sweep."""
+        self.assembling.discard(job_id)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("assembling job %s failed", job_id, exc_info=exc)
+        elif task.result() and self.is_master():
+            self._start_assembly()
 
     async def _assemble(self, job_id: str, spec: dict[str, Any], reducers: list[tuple[int, str]],
-                        gateway: str) -> None:
-        """Merge the reduce outputs into the result, store a second copy, record it."""
+                        gateway: str) -> bool:
+        """Merge the reduce outputs into the result, store a second copy, record it. For an
+        iterative job between rounds, record the round instead; True if it was the last."""
         node, term = self.node, self.term
         try:
             if spec.get("iterate") and not spec.get("final"):
-                await self._next_round(job_id, spec, reducers)
-                return
+                return await self._next_round(job_id, spec, reducers)
             result = node.spool.file(job_id, "result")
             if spec.get("iterate"):  # the last round is over: the result is the model the job makes of it
                 stats = await node.run_in_pool(runtime.write_result, spec, str(result))
             else:
                 parts = await self._fetch_parts(job_id, reducers)
                 if parts is None:
-                    return  # unreachable outputs are being redone
+                    return False  # unreachable outputs are being redone
                 stats = await node.run_in_pool(runtime.merge_outputs, spec, [str(p) for p in parts], str(result))
             digest = await asyncio.to_thread(sha256_file, result)
             copies = await self._replicate(job_id, result, gateway, digest)
@@ -463,25 +487,28 @@ class Master:
         except (PdpError, OSError) as exc:
             log.warning("assembling job %s failed (will retry): %s", job_id, exc)
             await asyncio.sleep(1.0)
+        return False
 
-    async def _next_round(self, job_id: str, spec: dict[str, Any], reducers: list[tuple[int, str]]) -> None:
+    async def _next_round(self, job_id: str, spec: dict[str, Any], reducers: list[tuple[int, str]]) -> bool:
         """An iterative job's round is reduced: make the next model from its sums (a built-in's
         ``update``, in the pool) and commit it with the round; a job whose update fails (its
-        data cannot make a model) fails with the reason."""
+        data cannot make a model) fails with the reason. True if the last round was recorded."""
         node = self.node
         parts = await self._fetch_parts(job_id, reducers)
         if parts is None:
-            return  # unreachable outputs are being redone
+            return False  # unreachable outputs are being redone
         try:
             step = await node.run_in_pool(runtime.update_round, spec, [str(p) for p in parts])
         except PdpError as exc:  # the update is pure: its errors are the data's (no rows left, a bad k)
             await node.propose({"op": "fail", "job": job_id, "term": self.term, "error": str(exc), "now": time.time()})
             log.warning("job %s failed: %s", job_id, exc)
-            return
+            return False
         res = await node.propose({"op": "round", "job": job_id, "term": self.term, "round": spec["round"],
                                   "model": step["model"], "done": step["done"], "text": step.get("text", "")})
         if not res.get("ok"):
             log.warning("job %s: round %d not recorded: %s", job_id, spec["round"] + 1, res.get("error"))
+            return False
+        return bool(step["done"])
 
     async def _fetch_parts(self, job_id: str, reducers: list[tuple[int, str]]) -> list[Path] | None:
         results = await asyncio.gather(*(self._fetch_part(job_id, r, name) for r, name in reducers),
@@ -594,8 +621,3 @@ def _assignment(members: dict[str, Any], job: Job, task: Task) -> dict[str, Any]
         if task.step + 1 < job.steps:  # an intermediate output is stored twice, like an input
             spec["copy_to"] = sorted((m.name, m.data_addr) for m in members.values())
     return spec
-
-
-def _forget(names: set[str], name: str, _: object) -> None:
-    names.discard(name)
-

@@ -123,16 +123,25 @@ def _warm() -> int:
 
 
 class Changes:
-    """Wakes waiters whenever the replicated state (or the Raft role) changes."""
+    """Wakes waiters whenever the replicated state (or the Raft role) changes.
+
+    ``seen`` counts the changes so far: a loop that notes it before its work and waits with
+    ``since`` set to it misses no change that happened meanwhile."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self.seen = 0
 
     def notify(self) -> None:
+        self.seen += 1
         self._event.set()
         self._event = asyncio.Event()
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float, since: int | None = None) -> None:
+        """Until the next change (at once if there were changes after number ``since``), or
+        ``timeout`` seconds."""
+        if since is not None and since != self.seen:
+            return
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
 

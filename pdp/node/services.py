@@ -23,9 +23,12 @@ if TYPE_CHECKING:
 
 
 class Changes(Protocol):
-    """Wakes waiters when the replicated state changed (or after ``timeout``)."""
+    """Wakes waiters when the replicated state changed (or after ``timeout``); ``seen``
+    counts the changes, so a waiter passing ``since=seen`` noted earlier misses none."""
 
-    async def wait(self, timeout: float) -> None: ...
+    seen: int
+
+    async def wait(self, timeout: float, since: int | None = None) -> None: ...
 
 
 class Base(Protocol):
