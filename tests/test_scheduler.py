@@ -408,3 +408,48 @@ def test_an_iterative_round_gives_a_chunk_to_the_member_that_mapped_it_before() 
     assert [(t.start, t.end) for t in job.current("map")] == [(t.start, t.end) for t in job.maps if t.step == 0]
     first = picked(s, "b")
     assert first is not None and first[2] % 2 == 1  # b's own chunk from round 1, not a's local ones
+
+
+def _round(s: State, job: str, who: dict[int, str], seconds: float) -> None:
+    """Run the job's current round: map chunk k on who[k], each taking ``seconds``; then the
+    master's `round` order."""
+    for t in s.jobs[job].current("map"):
+        ok(s, {"op": "assign", "job": job, "phase": "map", "index": t.index, "node": who[t.index % len(who)],
+               "term": TERM, "lease_until": 9.0})
+        ok(s, {"op": "complete", "job": job, "phase": "map", "index": t.index, "attempt": t.attempt,
+               "node": who[t.index % len(who)], "term": TERM, "stats": {"seconds": seconds}})
+    run_all(s, job, "reduce")
+    ok(s, {"op": "round", "job": job, "term": TERM, "round": s.jobs[job].step, "model": {}, "done": False})
+
+
+@pytest.mark.parametrize("scan_seconds,stolen", [(1.0, False), (0.05, True)])
+def test_a_busy_member_keeps_its_warm_maps_unless_parsing_anew_is_quicker(scan_seconds: float, stolen: bool) -> None:
+    """Round 3: a mapped chunks 0-2 before, b chunk 3. b, done with its own, does not take
+    a's while a is at work on the round and would get to them before b could parse one
+    (warm 0.1 s a map there, the scan took ``scan_seconds``): the second of a's, one map
+    ahead in a's queue, goes to b only when its scan was quicker than a warm map."""
+    s = fresh()
+    inputs = [{"name": "d.csv", "size": 16, "file_id": "d0", "holders": ["a", "b"]}]
+    ok(s, {"op": "submit", "id": "t", "kind": "train", "inputs": inputs, "n_reduce": 1, "chunk_size": 4,
+           "form": {}, "now": 1.0, "spec": {"builtin": "train", "iterate": True}})
+    who = {0: "a", 1: "a", 2: "a", 3: "b"}
+    _round(s, "t", who, scan_seconds)
+    _round(s, "t", who, 0.1)
+    job = s.jobs["t"]
+    mine = picked(s, "b")
+    assert mine is not None and mine[2] % 4 == 3
+    assign(s, "t", "map", mine[2], "b")
+    assert picked(s, "b") is not None  # a is not at work on the round: nothing is kept for it
+    first = picked(s, "a")
+    assert first is not None and first[2] % 4 == 0
+    assign(s, "t", "map", first[2], "a")
+    got = picked(s, "b")
+    assert (got is not None and got[2] % 4 == 2) if stolen else got is None
+    attempt = job.maps[first[2]].attempt
+    ok(s, {"op": "complete", "job": "t", "phase": "map", "index": first[2], "attempt": attempt, "node": "a",
+           "term": TERM, "stats": {"seconds": 0.1, "ended": 100.0}})
+    between = pick_task(s, "b", set(), now=100.2)  # a between two maps still counts as at work
+    assert (between is not None) if stolen else between is None
+    later = pick_task(s, "b", set(), now=101.0)  # but not for long: a gone quiet holds nothing
+    assert later is not None and later[1].index % 4 in (1, 2)
+    assert job.step == 2

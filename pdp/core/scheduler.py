@@ -91,7 +91,7 @@ def _phase(job: Job) -> str | None:
     return "map" if job.state in ("queued", "mapping") else "reduce" if job.state == "reducing" else None
 
 
-def _offerable(state: State, job: Job, node: str, reserved: set[TaskKey]) -> list[Task]:
+def _offerable(state: State, job: Job, node: str, reserved: set[TaskKey], now: float = 0.0) -> list[Task]:
     """The job's pending tasks of its current phase that ``node`` may take."""
     phase = _phase(job)
     if phase is None:
@@ -100,7 +100,46 @@ def _offerable(state: State, job: Job, node: str, reserved: set[TaskKey]) -> lis
     if job.code and not (node in state.members and state.members[node].allow_code):
         return []  # a user's code runs only where the owner allows it
     return [t for t in _pending(job, phase, reserved)
-            if node not in t.failed_on or members <= set(t.failed_on)]  # elsewhere first, if anyone is left
+            if (node not in t.failed_on or members <= set(t.failed_on))  # elsewhere first, if anyone is left
+            and not _held(job, t, node, now)]
+
+
+HOLD = 0.5  # seconds a member between two maps of a round still counts as at work on it
+
+
+def _per_round(job: Job) -> int:
+    """How many maps each round of an iterative job has (0: not in a later round)."""
+    return sum(1 for m in job.maps if m.step == 0) if job.iterative and job.step > 0 else 0
+
+
+def _previous(job: Job, t: Task) -> Task | None:
+    """The same chunk's map in the round before (an iterative job's later round), else None."""
+    per_round = _per_round(job)
+    if not per_round or t.phase != "map" or t.index < per_round:
+        return None
+    return job.maps[t.index - per_round]
+
+
+def _held(job: Job, t: Task, node: str, now: float) -> bool:
+    """Is a round's map kept for the member that mapped its chunk the round before (it has
+    the parsed arrays)? While that member is at work on this round (running one of its maps,
+    or it finished one in the last :data:`HOLD` seconds: it is between two), as long as it
+    would get to this map before ``node`` could parse the chunk anew: the chunk's scan took
+    ``cold`` seconds, its last map there ``warm``, and the member has ``ahead`` of its maps
+    before this one. A member not at work on the round (dead, paused, leaving) holds nothing."""
+    prev = _previous(job, t)
+    if prev is None or prev.node in ("", node):
+        return False
+    owner, maps = prev.node, job.current("map")
+    busy = any(m.state == "running" and owner in m.runs.values() for m in maps) or any(
+        m.state == "done" and m.node == owner and isinstance(m.stats.get("ended"), (int, float))
+        and 0.0 <= now - m.stats["ended"] <= HOLD for m in maps)
+    warm, cold = prev.stats.get("seconds"), job.maps[t.index % _per_round(job)].stats.get("seconds")
+    if not busy or not isinstance(warm, (int, float)) or not isinstance(cold, (int, float)):
+        return False
+    ahead = sum(1 for m in maps if m.state == "pending" and m.index < t.index
+                and (p := _previous(job, m)) is not None and p.node == owner)
+    return cold >= warm * ahead
 
 
 def _running_by_submitter(state: State, reserved: set[TaskKey]) -> dict[str, int]:
@@ -116,11 +155,9 @@ def _order(job: Job, tasks: list[Task], node: str, good: bool) -> list[Task]:
     """Warm maps first (an iterative job's chunk on the member that mapped it the round
     before: it keeps the parsed arrays), then local ones; then the largest tasks for a good
     member, the smallest for a poor one."""
-    per_round = sum(1 for m in job.maps if m.step == 0) if job.iterative and job.step > 0 else 0
-
     def rank(t: Task) -> tuple[bool, bool, int, int]:
-        warm = bool(per_round) and t.phase == "map" and t.index >= per_round \
-            and job.maps[t.index - per_round].node == node
+        prev = _previous(job, t)
+        warm = prev is not None and prev.node == node
         local = t.phase == "map" and node in job.step_inputs()[t.input].get("holders", ())
         return (not warm, not local, -t.size() if good else t.size(), t.index)
     return sorted(tasks, key=rank)
@@ -132,7 +169,7 @@ def pick_tasks(state: State, node: str, reserved: set[TaskKey], now: float = 0.0
     table = scores(state)
     if benched(state, node, now, table):
         return []
-    offers = [(job, tasks) for job in state.active_jobs() if (tasks := _offerable(state, job, node, reserved))]
+    offers = [(job, tasks) for job in state.active_jobs() if (tasks := _offerable(state, job, node, reserved, now))]
     if not offers:
         return []
     running = _running_by_submitter(state, reserved)
