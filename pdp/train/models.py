@@ -272,17 +272,15 @@ def _logistic_partial(model: dict[str, Any], X: np.ndarray, y: np.ndarray) -> di
 
 def _logistic_block(K: int, d: int, points: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     Xa = np.column_stack([X, np.ones(len(X))])
+    if K == 2:  # every point at once: one product for the margins, one for the gradients
+        Z = Xa @ points.T
+        L = np.logaddexp(0.0, Z)  # log(1 + e^z)
+        P = np.exp(Z - L)  # the sigmoid
+        B = Xa * np.sqrt(P[:, 0] * (1 - P[:, 0]))[:, None]
+        return {"loss": (L - y[:, None] * Z).sum(axis=0), "grad": (P - y[:, None]).T @ Xa, "hess": B.T @ B}
     losses, grads = [], []
     hess = np.zeros(0)
     for k, theta in enumerate(points):
-        if K == 2:
-            z = Xa @ theta
-            p = np.exp(-np.logaddexp(0.0, -z))
-            losses.append(float(np.sum(np.logaddexp(0.0, z) - y * z)))
-            grads.append(Xa.T @ (p - y))
-            if k == 0:
-                hess = (Xa * (p * (1 - p))[:, None]).T @ Xa
-            continue
         W = theta.reshape(K, d + 1)
         Z = Xa @ W.T
         lse = np.logaddexp.reduce(Z, axis=1) if len(Z) else np.zeros(0)
