@@ -248,6 +248,7 @@ class Worker:
             if key is not None:
                 if key not in self.models:  # (forgotten since it asked: the task's lease runs out, it runs again)
                     raise PdpError(f"the master sent {task['job']}'s task without its model {key}")
+                self.models.move_to_end(key)
                 task["spec"]["model"] = self.models[key]
         return tasks
 

@@ -236,7 +236,8 @@ class Train(MRJob):
             from pdp.train import text
 
             name, rows = _rows(path, start, end, spec)
-            yield KEY, codec.pack({"fit": text.partial(rows, model["layout"], name, self.params.get("lowercase", False))})
+            lowercase = bool(model["params"].get("lowercase"))
+            yield KEY, codec.pack({"fit": text.partial(rows, model["layout"], name, lowercase)})
             return
         x, y, dropped = self._arrays(path, start, end, spec, model["layout"], workdir)
         yield KEY, codec.pack({"fit": partial(model, x, y, dropped=dropped)})
