@@ -26,12 +26,11 @@ import statistics
 import string
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 
+from peakrss import PeakRss
 from pdp.client import Client, run_job
 from pdp.local import LocalParty
 
@@ -66,39 +65,6 @@ def build_input(path: Path, mb: float, seed: int) -> tuple[int, int]:
             f.write(buf)
             written += n
     return records * RECORD, records
-
-
-class PeakRss:
-    """Peak RSS of each process tree (a process and all its descendants) while running."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids, self.peak = pids, {n: 0 for n in pids}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, pid in self.pids.items():
-                try:
-                    p = psutil.Process(pid)
-                    rss = p.memory_info().rss
-                    for c in p.children(recursive=True):
-                        try:
-                            rss += c.memory_info().rss
-                        except psutil.Error:
-                            pass  # a pool child that just ended
-                    self.peak[name] = max(self.peak[name], rss)
-                except psutil.Error:
-                    pass
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def gnu_sort(inp: Path, out: Path, tmp: Path) -> tuple[float, int, str]:

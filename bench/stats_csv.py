@@ -16,13 +16,12 @@ import argparse
 import asyncio
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
+from peakrss import PeakRss
 from pdp.client import Client
 from pdp.local import LocalParty
 
@@ -44,34 +43,6 @@ def make_data(path: Path, mb: float, seed: int = 0) -> int:
             f.write(block)
             written += len(block)
     return path.stat().st_size
-
-
-class PeakRss:
-    """The highest RSS of each process tree, sampled every 50 ms while running."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids, self.peak = pids, [0] * len(pids)
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.done.is_set():
-            for k, pid in enumerate(self.pids):
-                try:
-                    proc = psutil.Process(pid)
-                    rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
-                except psutil.Error:
-                    continue
-                self.peak[k] = max(self.peak[k], rss)
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakRss:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join()
 
 
 async def party_stats(party: LocalParty, data: Path, out: Path, chunk_mb: float) -> float:
@@ -105,14 +76,14 @@ def main() -> None:
         del frame
         with LocalParty(root / "party", n=3, cpus=1) as party:
             asyncio.run(party.wait_ready(60))
-            with PeakRss([party.pid(i) for i in range(3)]) as rss:
+            with PeakRss({f"node{i + 1}": party.pid(i) for i in range(3)}) as rss:
                 seconds = asyncio.run(party_stats(party, data, root / "stats.json", opts.chunk_mb))
         got = json.loads((root / "stats.json").read_text())
     worst = max(abs(got[c][k] - described[c][m]) / abs(described[c][m])
                 for c in described.columns for k, m in (("mean", "mean"), ("std", "std")))
     print(f"party: {seconds:.2f} s; pandas read_csv + describe: {pandas_seconds:.2f} s; "
           f"ratio party / pandas: {seconds / pandas_seconds:.2f}")
-    print("peak RSS per node (node + task processes): " + ", ".join(f"{r / 2**20:.0f} MB" for r in rss.peak))
+    print("peak RSS per node (node + task processes): " + ", ".join(f"{n} {r / 2**20:.0f} MB" for n, r in rss.peak.items()))
     print(f"largest relative difference of mean/std from pandas: {worst:.1e}")
 
 

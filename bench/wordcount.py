@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 
+from peakrss import PeakRss
 from pdp.client import Client
 from pdp.jobs.builtin.wordcount import count_file_range, format_counts, oracle
 from pdp.local import LocalParty
@@ -38,34 +37,6 @@ def build_input(path: Path, mb: float) -> int:
             f.write(corpus)
             written += len(corpus)
     return written
-
-
-class RssSampler:
-    """Peak RSS per node (its process tree) while running."""
-
-    def __init__(self, party: LocalParty) -> None:
-        self.party, self.peak = party, {n: 0 for n in party.names}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, proc in self.party.procs.items():
-                try:
-                    p = psutil.Process(proc.pid)
-                    rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
-                    self.peak[name] = max(self.peak[name], rss)
-                except psutil.Error:
-                    pass
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 async def party_run(party: LocalParty, inp: Path, out: Path, job_id: str, chunk: int) -> float:
@@ -118,7 +89,7 @@ def main() -> None:
                 big = root / "big.txt"
                 inp.unlink()
                 bsize = build_input(big, args.rss_gb * 1024)
-                with RssSampler(party) as rss:
+                with PeakRss({name: proc.pid for name, proc in party.procs.items()}) as rss:
                     t_big = asyncio.run(party_run(party, big, root / "big.tsv", "bench-rss", chunk))
                 peaks = ", ".join(f"{n} {v / 2**20:.0f} MiB" for n, v in rss.peak.items())
                 print(f"{bsize / 1e9:.2f} GB input in {t_big:.1f} s; peak RSS per node (node + pool): {peaks}")
