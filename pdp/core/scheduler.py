@@ -99,47 +99,68 @@ def _offerable(state: State, job: Job, node: str, reserved: set[TaskKey], now: f
     members = set(state.members)
     if job.code and not (node in state.members and state.members[node].allow_code):
         return []  # a user's code runs only where the owner allows it
-    return [t for t in _pending(job, phase, reserved)
-            if (node not in t.failed_on or members <= set(t.failed_on))  # elsewhere first, if anyone is left
-            and not _held(job, t, node, now)]
+    pending = [t for t in _pending(job, phase, reserved)
+               if node not in t.failed_on or members <= set(t.failed_on)]  # elsewhere first, if anyone is left
+    warm = Warmth.of(job) if phase == "map" else None
+    return [t for t in pending if not warm.held(t, node, now)] if warm else pending
 
 
 HOLD = 0.5  # seconds a member between two maps of a round still counts as at work on it
 
 
-def _per_round(job: Job) -> int:
-    """How many maps each round of an iterative job has (0: not in a later round)."""
-    return sum(1 for m in job.maps if m.step == 0) if job.iterative and job.step > 0 else 0
+class Warmth:
+    """Which member has each chunk of an iterative job's current round parsed (it mapped the
+    chunk the round before), computed once per pick: one pass over the round's maps."""
 
+    def __init__(self, job: Job, maps: list[Task]) -> None:
+        self.job, self.per_round = job, len(maps)
+        self.ahead: dict[int, int] = {}  # a pending map -> how many of its member's warm maps come first
+        queued: dict[str, int] = {}
+        self.running: set[str] = set()  # members running one of the round's maps
+        self.ended: dict[str, float] = {}  # member -> when its last map of the round ended
+        for m in maps:
+            owner = self.owner(m)
+            if m.state == "pending" and owner:
+                self.ahead[m.index] = queued.get(owner, 0)
+                queued[owner] = self.ahead[m.index] + 1
+            elif m.state == "running":
+                self.running.update(m.runs.values())
+            elif m.state == "done" and isinstance(m.stats.get("ended"), (int, float)):
+                self.ended[m.node] = max(self.ended.get(m.node, m.stats["ended"]), m.stats["ended"])
 
-def _previous(job: Job, t: Task) -> Task | None:
-    """The same chunk's map in the round before (an iterative job's later round), else None."""
-    per_round = _per_round(job)
-    if not per_round or t.phase != "map" or t.index < per_round:
-        return None
-    return job.maps[t.index - per_round]
+    @classmethod
+    def of(cls, job: Job) -> Warmth | None:
+        """The job's warmth, or None when it is not in a later round of an iterative job."""
+        if not job.iterative or job.step == 0:
+            return None
+        return cls(job, job.current("map"))
 
+    def previous(self, t: Task) -> Task:
+        """The same chunk's map in the round before."""
+        return self.job.maps[t.index - self.per_round]
 
-def _held(job: Job, t: Task, node: str, now: float) -> bool:
-    """Is a round's map kept for the member that mapped its chunk the round before (it has
-    the parsed arrays)? While that member is at work on this round (running one of its maps,
-    or it finished one in the last :data:`HOLD` seconds: it is between two), as long as it
-    would get to this map before ``node`` could parse the chunk anew: the chunk's scan took
-    ``cold`` seconds, its last map there ``warm``, and the member has ``ahead`` of its maps
-    before this one. A member not at work on the round (dead, paused, leaving) holds nothing."""
-    prev = _previous(job, t)
-    if prev is None or prev.node in ("", node):
-        return False
-    owner, maps = prev.node, job.current("map")
-    busy = any(m.state == "running" and owner in m.runs.values() for m in maps) or any(
-        m.state == "done" and m.node == owner and isinstance(m.stats.get("ended"), (int, float))
-        and 0.0 <= now - m.stats["ended"] <= HOLD for m in maps)
-    warm, cold = prev.stats.get("seconds"), job.maps[t.index % _per_round(job)].stats.get("seconds")
-    if not busy or not isinstance(warm, (int, float)) or not isinstance(cold, (int, float)):
-        return False
-    ahead = sum(1 for m in maps if m.state == "pending" and m.index < t.index
-                and (p := _previous(job, m)) is not None and p.node == owner)
-    return cold >= warm * ahead
+    def owner(self, t: Task) -> str:
+        """The member that mapped ``t``'s chunk the round before ("" if none did)."""
+        return self.previous(t).node
+
+    def held(self, t: Task, node: str, now: float) -> bool:
+        """Is map ``t`` kept for the member that has its chunk parsed? While that member is at
+        work on this round (running one of its maps, or it finished one in the last
+        :data:`HOLD` seconds: it is between two), as long as it would get to this map before
+        ``node`` could parse the chunk anew: the chunk's scan took ``cold`` seconds, its last
+        map there ``warm``, and the member has ``ahead`` of its maps before this one. A member
+        not at work on the round (dead, paused, leaving) holds nothing."""
+        owner = self.owner(t)
+        if owner in ("", node) or not self._busy(owner, now):
+            return False
+        warm, cold = self.previous(t).stats.get("seconds"), self.job.maps[t.index % self.per_round].stats.get("seconds")
+        if not isinstance(warm, (int, float)) or not isinstance(cold, (int, float)):
+            return False
+        return cold >= warm * self.ahead[t.index]
+
+    def _busy(self, owner: str, now: float) -> bool:
+        ended = self.ended.get(owner)
+        return owner in self.running or (ended is not None and 0.0 <= now - ended <= HOLD)
 
 
 def _running_by_submitter(state: State, reserved: set[TaskKey]) -> dict[str, int]:
@@ -155,9 +176,10 @@ def _order(job: Job, tasks: list[Task], node: str, good: bool) -> list[Task]:
     """Warm maps first (an iterative job's chunk on the member that mapped it the round
     before: it keeps the parsed arrays), then local ones; then the largest tasks for a good
     member, the smallest for a poor one."""
+    warmth = Warmth.of(job)
+
     def rank(t: Task) -> tuple[bool, bool, int, int]:
-        prev = _previous(job, t)
-        warm = prev is not None and prev.node == node
+        warm = warmth is not None and t.phase == "map" and warmth.owner(t) == node
         local = t.phase == "map" and node in job.step_inputs()[t.input].get("holders", ())
         return (not warm, not local, -t.size() if good else t.size(), t.index)
     return sorted(tasks, key=rank)
