@@ -172,11 +172,11 @@ def _values(chunk: Plain, j: int) -> dict[str, int]:
     too many is ever read (a numeric feature ignores them; a target or a category of so many
     fails), so any ``_CAP`` of them stand for the rest, without sorting a million strings."""
     values = chunk.cells[:, j]
-    head = np.unique(values[:4 * _CAP])
-    if len(head) > _CAP:
-        return {repr(float(v)): 1 for v in head[:_CAP]}
-    if len(np.unique(values)) > _CAP:
-        return {repr(float(v)): 1 for v in np.unique(values)[:_CAP]}
+    distinct = np.unique(values[:4 * _CAP])  # (a prefix tells most columns of many values at once)
+    if len(distinct) <= _CAP:
+        distinct = np.unique(values)
+    if len(distinct) > _CAP:
+        return {repr(float(v)): 1 for v in distinct[:_CAP]}
     counts = Counter(chunk.column(j))
     return {k: counts[k] for k in sorted(counts)[:_CAP]}
 
